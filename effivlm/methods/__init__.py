@@ -1,0 +1,19 @@
+"""Compression methods and their registry. Importing this package registers every built-in method."""
+
+from effivlm.methods import dense as _dense  # noqa: F401  (registers "dense")
+from effivlm.methods.base import Method, Reduction, SegmentContext, VisualTokenMethod, kept_count
+from effivlm.methods.registry import METHODS, available_methods, build_method, method_params, register_method
+from effivlm.methods.tokens import random as _random  # noqa: F401  (registers "random")
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "Reduction",
+    "SegmentContext",
+    "VisualTokenMethod",
+    "available_methods",
+    "build_method",
+    "kept_count",
+    "method_params",
+    "register_method",
+]

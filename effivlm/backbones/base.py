@@ -1,0 +1,150 @@
+"""The family adapter: everything effivlm knows about one model family, in one place.
+
+Methods and the generation engine ask the adapter where the decoder layers, vision tower, projector and image
+tokens are, how one image's visual tokens split into crops or tiles, and how position ids are computed. They
+never test model classes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.processing_utils import ProcessorMixin
+
+from effivlm.registry import Registry
+
+#: A minimal chat template in the families' ChatML format, for the small backbones; real checkpoints ship their own.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ IMAGE }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+COMMON_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A crop, tile or base view inside one image's run of visual tokens."""
+
+    start: int  # offset within the image's visual tokens
+    length: int
+    grid: tuple[int, int] | None  # (rows, cols) when the segment is a full token grid
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Sizes of a small backbone for the embedded default."""
+
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 128
+    max_positions: int = 1024
+
+
+class FamilyAdapter(ABC):
+    family: ClassVar[str]
+    model_class: ClassVar[type[PreTrainedModel]]
+    processor_class: ClassVar[type[ProcessorMixin]]
+    image_processor_class: ClassVar[type]
+    #: what a chat template writes where an image goes (the processor expands it into the visual tokens)
+    image_placeholder: ClassVar[str]
+    #: special tokens of this family besides the ChatML ones, as attribute name -> token
+    special_tokens: ClassVar[dict[str, str]]
+
+    # ----------------------------------------------------------------- structure
+    def language_model(self, model: PreTrainedModel) -> nn.Module:
+        """The decoder stack that takes ``inputs_embeds`` (no LM head)."""
+        return model.model.language_model
+
+    def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        return self.language_model(model).layers
+
+    def lm_head(self, model: PreTrainedModel) -> nn.Module:
+        return model.lm_head
+
+    def input_embeddings(self, model: PreTrainedModel) -> nn.Module:
+        return self.language_model(model).get_input_embeddings()
+
+    @abstractmethod
+    def vision_tower(self, model: PreTrainedModel) -> nn.Module: ...
+
+    @abstractmethod
+    def projector(self, model: PreTrainedModel) -> nn.Module: ...
+
+    def image_token_id(self, model: PreTrainedModel) -> int:
+        return int(model.config.image_token_id)
+
+    def text_config(self, model: PreTrainedModel) -> PretrainedConfig:
+        return model.config.text_config
+
+    # ----------------------------------------------------------------- inputs
+    def processor_call_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def image_features(self, model: PreTrainedModel, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """Projected visual tokens of every image in the batch, in prompt order: a list of (N_i, D)."""
+
+    def image_segments(
+        self, model: PreTrainedModel, inputs: dict[str, Any], image_index: int, n_tokens: int
+    ) -> list[Segment]:
+        """How image ``image_index``'s ``n_tokens`` visual tokens split into crops or tiles (default: one)."""
+        return [Segment(0, n_tokens, None)]
+
+    def position_ids(self, model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
+        """Position ids of the prompt, (B, L); left padding is skipped."""
+        mask = inputs["attention_mask"]
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+
+    # ----------------------------------------------------------------- the embedded default
+    @abstractmethod
+    def tiny_config(self, vocab_size: int, token_ids: dict[str, int], image_size: int, sizes: TinySizes) -> Any:
+        """A small config of this family's real model class."""
+
+    @abstractmethod
+    def tiny_image_processor(self, image_size: int) -> Any: ...
+
+    def tiny_processor_kwargs(self, image_size: int, sizes: TinySizes) -> dict[str, Any]:
+        """Arguments of the processor class besides image processor, tokenizer and chat template."""
+        return {}
+
+    def tiny_chat_template(self) -> str:
+        return CHAT_TEMPLATE.replace("{{ IMAGE }}", self.image_placeholder)
+
+
+def contiguous_runs(mask: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True in a 1-D boolean tensor, in order."""
+    padded = torch.cat([mask.new_zeros(1), mask, mask.new_zeros(1)]).int()
+    edges = padded.diff()
+    starts, ends = (edges == 1).nonzero().squeeze(-1), (edges == -1).nonzero().squeeze(-1)
+    return (ends - starts).tolist()
+
+
+ADAPTERS: Registry[type[FamilyAdapter]] = Registry("family")
+
+
+def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    ADAPTERS.register(cls.family)(cls)
+    return cls
+
+
+def get_adapter(family: str) -> FamilyAdapter:
+    return ADAPTERS.get(family)()
+
+
+def available_families() -> list[str]:
+    return ADAPTERS.names()

@@ -1,0 +1,143 @@
+"""Qwen2-VL and Qwen2.5-VL: native-resolution ViT with a 2x2 patch merger and 3-D multimodal rope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+)
+
+from effivlm.backbones.base import FamilyAdapter, Segment, TinySizes, register_adapter
+
+PATCH = 8
+MERGE = 2
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (temporal, height, width) like Qwen2-VL's 16/24/24 of 64."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+@register_adapter
+class Qwen2VLAdapter(FamilyAdapter):
+    family = "qwen2_vl"
+    model_class = Qwen2VLForConditionalGeneration
+    processor_class = Qwen2VLProcessor
+    image_processor_class = Qwen2VLImageProcessor
+    image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    special_tokens = {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
+    }
+
+    def vision_tower(self, model):
+        return model.model.visual
+
+    def projector(self, model):
+        return model.model.visual.merger
+
+    def image_features(self, model, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        return list(out.pooler_output)
+
+    def image_segments(self, model, inputs: dict[str, Any], image_index: int, n_tokens: int) -> list[Segment]:
+        t, h, w = (int(x) for x in inputs["image_grid_thw"][image_index])
+        merge = model.config.vision_config.spatial_merge_size
+        return [Segment(0, n_tokens, (t * h // merge, w // merge))]
+
+    def position_ids(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        position_ids, _ = model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=inputs["attention_mask"],
+        )
+        return position_ids  # (3, B, L): temporal, height, width
+
+    def _text_config(self, vocab_size, token_ids, sizes: TinySizes) -> dict:
+        head_dim = sizes.text_hidden // sizes.text_heads
+        return dict(
+            vocab_size=vocab_size,
+            hidden_size=sizes.text_hidden,
+            intermediate_size=sizes.text_intermediate,
+            num_hidden_layers=sizes.text_layers,
+            num_attention_heads=sizes.text_heads,
+            num_key_value_heads=sizes.text_kv_heads,
+            max_position_embeddings=sizes.max_positions,
+            rope_scaling={"type": "mrope", "mrope_section": _mrope_section(head_dim)},
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=token_ids["<|im_end|>"],
+            pad_token_id=token_ids["<|endoftext|>"],
+        )
+
+    def _token_config(self, token_ids) -> dict:
+        return dict(
+            image_token_id=token_ids["<|image_pad|>"],
+            video_token_id=token_ids["<|video_pad|>"],
+            vision_start_token_id=token_ids["<|vision_start|>"],
+            vision_end_token_id=token_ids["<|vision_end|>"],
+            tie_word_embeddings=False,
+        )
+
+    def tiny_config(self, vocab_size, token_ids, image_size, sizes: TinySizes):
+        return Qwen2VLConfig(
+            text_config=self._text_config(vocab_size, token_ids, sizes),
+            vision_config=dict(
+                depth=sizes.vision_layers,
+                embed_dim=sizes.vision_hidden,
+                hidden_size=sizes.text_hidden,
+                num_heads=sizes.vision_heads,
+                mlp_ratio=sizes.vision_intermediate // sizes.vision_hidden,
+                patch_size=PATCH,
+                spatial_merge_size=MERGE,
+                temporal_patch_size=2,
+                in_channels=3,
+            ),
+            **self._token_config(token_ids),
+        )
+
+    def tiny_image_processor(self, image_size: int):
+        pixels = image_size * image_size
+        return Qwen2VLImageProcessor(
+            min_pixels=pixels, max_pixels=pixels, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2
+        )
+
+
+@register_adapter
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+    model_class = Qwen2_5_VLForConditionalGeneration
+    processor_class = Qwen2_5_VLProcessor
+
+    def tiny_config(self, vocab_size, token_ids, image_size, sizes: TinySizes):
+        return Qwen2_5_VLConfig(
+            text_config=self._text_config(vocab_size, token_ids, sizes),
+            vision_config=dict(
+                depth=sizes.vision_layers,
+                hidden_size=sizes.vision_hidden,
+                intermediate_size=sizes.vision_intermediate,
+                out_hidden_size=sizes.text_hidden,
+                num_heads=sizes.vision_heads,
+                patch_size=PATCH,
+                spatial_merge_size=MERGE,
+                temporal_patch_size=2,
+                window_size=PATCH * MERGE * 2,
+                fullatt_block_indexes=[sizes.vision_layers - 1],
+                in_channels=3,
+            ),
+            **self._token_config(token_ids),
+        )

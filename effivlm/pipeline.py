@@ -1,0 +1,222 @@
+"""The generation engine: a backbone, a compression method and greedy decoding.
+
+Prefill embeds the prompt, scatters every image's visual tokens into it, lets the method reduce each image
+segment, and repacks the batch (left padding) keeping every kept token's original position ids, so later layers
+and the decode phase see positions consistent with the uncompressed prompt (3-D rope for the Qwen-VL families).
+Dense runs the very same path with nothing removed, so a method at budget 1.0 reproduces dense exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from effivlm.backbones.loading import Backbone, load_backbone
+from effivlm.methods import Method, SegmentContext, VisualTokenMethod, build_method
+
+
+@dataclass(frozen=True)
+class Prompt:
+    images: list[Any]  # PIL images, in the order they appear in the prompt
+    text: str
+
+
+@dataclass
+class Generation:
+    text: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prefill:
+    """The language model's prefill inputs after the method ran."""
+
+    inputs_embeds: torch.Tensor  # (B, L', D)
+    attention_mask: torch.Tensor  # (B, L')
+    position_ids: torch.Tensor  # (B, L') or (3, B, L')
+    stats: list[dict[str, Any]]
+
+
+def repack_left(rows: list[torch.Tensor], pad_value: float | int) -> torch.Tensor:
+    """Stack per-sample tensors of shape (L_b, ...) into (B, max L_b, ...), padding on the left."""
+    length = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), pad_value)
+    for b, r in enumerate(rows):
+        out[b, length - r.shape[0] :] = r
+    return out
+
+
+class Pipeline:
+    def __init__(self, backbone: Backbone, method: Method, seed: int = 0) -> None:
+        method.check_family(backbone.adapter.family)
+        self.backbone = backbone
+        self.method = method
+        self.seed = seed
+
+    @classmethod
+    def from_spec(
+        cls,
+        model_path: str,
+        family: str,
+        method: str,
+        method_params: dict[str, Any] | None = None,
+        budget: float = 1.0,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        attn_implementation: str = "sdpa",
+        seed: int = 0,
+        revision: str | None = None,
+    ) -> Pipeline:
+        built = build_method(method, budget, method_params)  # fails on bad input before any weight is loaded
+        built.check_family(family)
+        backbone = load_backbone(
+            model_path, family, dtype=dtype, device=device, attn_implementation=attn_implementation, revision=revision
+        )
+        return cls(backbone, built, seed=seed)
+
+    def describe(self) -> dict[str, Any]:
+        model = self.backbone.model
+        return {
+            "model_path": self.backbone.path,
+            "family": self.backbone.adapter.family,
+            "model_class": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "attn_implementation": self.backbone.adapter.text_config(model)._attn_implementation,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "method": self.method.describe(),
+        }
+
+    # ------------------------------------------------------------------ inputs
+    def encode(self, prompts: list[Prompt]) -> dict[str, Any]:
+        processor = self.backbone.processor
+        texts = []
+        for p in prompts:
+            content = [{"type": "image"} for _ in p.images] + [{"type": "text", "text": p.text}]
+            texts.append(
+                processor.apply_chat_template(
+                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                )
+            )
+        images = [list(p.images) for p in prompts]
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        if any(images):
+            kwargs["images"] = images
+        inputs = dict(processor(**kwargs))
+        inputs["batch_num_images"] = torch.tensor([len(p.images) for p in prompts])
+        device = self.backbone.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    def prefill_inputs(self, inputs: dict[str, Any]) -> Prefill:
+        """Embed the prompt, insert visual tokens, apply the method, repack."""
+        model, adapter = self.backbone.model, self.backbone.adapter
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        embeds = adapter.input_embeddings(model)(input_ids)  # (B, L, D)
+        positions = adapter.position_ids(model, inputs)  # (B, L) or (3, B, L)
+        keep = attention_mask.bool().clone()  # (B, L)
+        n_images = inputs["batch_num_images"].tolist()
+        stats: list[dict[str, Any]] = [{"visual_tokens": [], "visual_kept": []} for _ in n_images]
+        if sum(n_images):
+            features = adapter.image_features(model, inputs)
+            is_image = input_ids == adapter.image_token_id(model)  # (B, L)
+            image_index = 0
+            for b, count in enumerate(n_images):
+                slots = is_image[b].nonzero().squeeze(-1)  # sequence positions of this sample's visual tokens
+                offset = 0
+                for i in range(count):
+                    feats = features[image_index].to(embeds.dtype)  # (N_i, D)
+                    image_slots = slots[offset : offset + feats.shape[0]]
+                    kept = self._reduce_image(model, inputs, b, i, image_index, feats, image_slots, embeds, keep)
+                    stats[b]["visual_tokens"].append(int(feats.shape[0]))
+                    stats[b]["visual_kept"].append(kept)
+                    offset += feats.shape[0]
+                    image_index += 1
+                if offset != slots.numel():
+                    raise RuntimeError(f"sample {b}: {slots.numel()} image tokens but {offset} visual features")
+        rows = [keep[b].nonzero().squeeze(-1) for b in range(keep.shape[0])]
+        new_embeds = repack_left([embeds[b, r] for b, r in enumerate(rows)], 0.0)
+        new_mask = repack_left([attention_mask[b, r] for b, r in enumerate(rows)], 0)
+        if positions.ndim == 3:  # (3, B, L): repack each rope axis
+            new_positions = torch.stack(
+                [repack_left([positions[a, b, r] for b, r in enumerate(rows)], 1) for a in range(positions.shape[0])]
+            )
+        else:
+            new_positions = repack_left([positions[b, r] for b, r in enumerate(rows)], 1)
+        for b, r in enumerate(rows):
+            stats[b]["prompt_tokens"] = int(attention_mask[b].sum())
+            stats[b]["prefill_tokens"] = int(r.numel())
+        return Prefill(new_embeds, new_mask, new_positions, stats)
+
+    def _reduce_image(self, model, inputs, b, i, image_index, feats, image_slots, embeds, keep) -> int:
+        """Write image ``i`` of sample ``b`` into ``embeds``; mark dropped slots in ``keep``. Returns tokens kept."""
+        if not isinstance(self.method, VisualTokenMethod):
+            embeds[b, image_slots] = feats
+            return int(feats.shape[0])
+        kept = 0
+        keep[b, image_slots] = False
+        segments = self.backbone.adapter.image_segments(model, inputs, image_index, feats.shape[0])
+        for s, seg in enumerate(segments):
+            seg_feats = feats[seg.start : seg.start + seg.length]
+            ctx = SegmentContext(features=seg_feats, grid=seg.grid, sample_index=b, image_index=i, segment_index=s)
+            red = self.method.reduce(ctx)
+            seg_slots = image_slots[seg.start + red.positions.to(image_slots.device)]
+            embeds[b, seg_slots] = red.features.to(embeds.dtype)
+            keep[b, seg_slots] = True
+            kept += int(red.positions.numel())
+        return kept
+
+    # ------------------------------------------------------------------ decoding
+    @torch.inference_mode()
+    def generate(self, prompts: list[Prompt], max_new_tokens: int = 8) -> list[Generation]:
+        if not prompts:
+            return []
+        model, adapter = self.backbone.model, self.backbone.adapter
+        tokenizer = self.backbone.processor.tokenizer
+        language_model, lm_head = adapter.language_model(model), adapter.lm_head(model)
+        embed = adapter.input_embeddings(model)
+        pre = self.prefill_inputs(self.encode(prompts))
+        cache = DynamicCache(config=adapter.text_config(model))
+        out = language_model(
+            inputs_embeds=pre.inputs_embeds,
+            attention_mask=pre.attention_mask,
+            position_ids=pre.position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        # next position of every sample: one past the largest position of its prompt, on every rope axis
+        valid = pre.attention_mask.bool()
+        pos = pre.position_ids if pre.position_ids.ndim == 3 else pre.position_ids[None]
+        next_pos = pos.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # (B,)
+        mask = pre.attention_mask
+        eos = tokenizer.eos_token_id
+        batch = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        done = torch.zeros(batch, dtype=torch.bool, device=mask.device)
+        for step in range(max_new_tokens):
+            next_token = lm_head(out.last_hidden_state[:, -1]).argmax(-1)  # (B,)
+            for b in range(batch):
+                if not done[b]:
+                    tokens[b].append(int(next_token[b]))
+            done |= next_token == eos
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            step_pos = (next_pos + step)[:, None]  # (B, 1)
+            if pre.position_ids.ndim == 3:
+                step_pos = step_pos[None].expand(pre.position_ids.shape[0], -1, -1)  # (3, B, 1)
+            out = language_model(
+                inputs_embeds=embed(next_token[:, None]),
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        results = []
+        for b in range(batch):
+            ids = tokens[b][: tokens[b].index(eos)] if eos in tokens[b] else tokens[b]
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            results.append(Generation(text=text, stats={**pre.stats[b], "new_tokens": len(tokens[b])}))
+        return results

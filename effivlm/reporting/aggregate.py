@@ -1,0 +1,436 @@
+"""From job folders (metrics.json + predictions.jsonl) to the metrics and summary tables.
+
+A job is one (model, method variant, budget, task) evaluation. The dense job of a model (method "dense",
+budget 1.0) is the reference of every other job of that model on the same task: the retained ratio is
+score / dense score and loyalty compares predictions doc by doc.
+
+Only ``load_job``, ``aggregate`` and the private writers touch the file system; the table builders are pure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from effivlm.metrics import (
+    loyalty,
+    overall_generalization,
+    overall_loyalty,
+    overall_performance,
+    retained_ratio,
+)
+
+DENSE_METHOD = "dense"
+DENSE_BUDGET = 1.0
+OVERALL = "overall"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+
+_REQUIRED_METRICS = ("model", "method", "budget", "task", "score")
+_REQUIRED_PREDICTION = ("doc_id", "prediction")
+_KEY = ["model", "method", "budget", "task"]
+
+METRICS_COLUMNS = [
+    "model",
+    "family",
+    "method",
+    "method_name",
+    "method_params",
+    "budget",
+    "task",
+    "metric",
+    "score",
+    "dense_score",
+    "ratio",
+    "loyalty",
+    "n",
+    "visual_kept_share",
+    "note",
+    "code_version",
+    "effivlm_version",
+    "job_dir",
+]
+SUMMARY_COLUMNS = [
+    "model",
+    "family",
+    "method",
+    "method_name",
+    "budget",
+    "n_models",
+    "n_tasks",
+    "n_ratio_undefined",
+    "mean_score",
+    "OP",
+    "OG",
+    "OL",
+    "visual_kept_share",
+    "note",
+]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One loaded job: its metrics.json, its predictions (one row per sample) and where it came from."""
+
+    metrics: dict[str, Any]
+    predictions: pd.DataFrame = field(repr=False)
+    path: Path | None = None
+
+    @property
+    def key(self) -> tuple[str, str, float, str]:
+        m = self.metrics
+        return (str(m["model"]), str(m["method"]), float(m["budget"]), str(m["task"]))
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path is not None else f"job {self.key}"
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (every job folder needs {METRICS_FILE})")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
+    missing = [k for k in _REQUIRED_METRICS if k not in metrics]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    for key in ("budget", "score"):
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{path}: '{key}' must be a number, got {value!r}")
+    if not 0 < metrics["budget"] <= 1:
+        raise ValueError(f"{path}: 'budget' must be in (0, 1], got {metrics['budget']!r}")
+    return metrics
+
+
+def _as_text(value: Any) -> str:
+    return "" if value is None else value if isinstance(value, str) else str(value)
+
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (every job folder needs {PREDICTIONS_FILE})")
+    records: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in _REQUIRED_PREDICTION if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
+        if rec["doc_id"] in seen:
+            raise ValueError(f"{path}:{lineno}: duplicate doc_id {rec['doc_id']!r}")
+        seen.add(rec["doc_id"])
+        rec["prediction"] = _as_text(rec["prediction"])
+        records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no samples (an evaluation log must hold at least one prediction)")
+    return pd.DataFrame.from_records(records)
+
+
+def load_job(job_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Read ``metrics.json`` and ``predictions.jsonl`` of a job folder.
+
+    Raises a one-line ValueError naming the file when it is missing, corrupt or holds no samples, and when
+    metrics.json's ``n`` disagrees with the number of predictions (a truncated log).
+    """
+    job_dir = Path(job_dir)
+    if not job_dir.is_dir():
+        raise ValueError(f"{job_dir}: not a job folder (no such directory)")
+    metrics = _read_metrics(job_dir / METRICS_FILE)
+    predictions = _read_predictions(job_dir / PREDICTIONS_FILE)
+    n = metrics.get("n")
+    if n is not None and n != len(predictions):
+        raise ValueError(
+            f"{job_dir / PREDICTIONS_FILE}: {len(predictions)} samples, but {METRICS_FILE} says n={n}"
+        )
+    return metrics, predictions
+
+
+def _as_job(job: Job | Path | str) -> Job:
+    if isinstance(job, Job):
+        return job
+    metrics, predictions = load_job(Path(job))
+    return Job(metrics, predictions, Path(job))
+
+
+# ----------------------------------------------------------------------------------------- metrics table
+
+
+def _expected_dense_dir(job: Job) -> str:
+    """Best guess of where the dense job would live: the job's own path with method -> dense, budget -> 1.0."""
+    if job.path is None:
+        return "(unknown: the jobs were given without folders)"
+    method, budget = job.metrics["method"], float(job.metrics["budget"])
+    parts = []
+    for part in job.path.parts:
+        if part == method:
+            part = DENSE_METHOD
+        else:
+            try:
+                if float(part) == budget:
+                    part = "1.0" if "." in part else "1"
+            except ValueError:
+                pass
+        parts.append(part)
+    return str(Path(*parts))
+
+
+def _visual_kept_share(metrics: dict[str, Any]) -> float:
+    vt = metrics.get("visual_tokens")
+    if not isinstance(vt, dict):
+        return math.nan
+    total, kept = vt.get("total"), vt.get("kept")
+    if not isinstance(total, int | float) or not isinstance(kept, int | float) or total <= 0:
+        return math.nan
+    return float(kept) / float(total)
+
+
+def _predictions_by_doc(job: Job) -> dict[Any, str]:
+    return dict(zip(job.predictions["doc_id"], job.predictions["prediction"].map(_as_text), strict=True))
+
+
+def build_metrics_table(jobs: Iterable[Job | Path | str]) -> pd.DataFrame:
+    """One row per (model, method, budget, task), with the ratio and loyalty against the model's dense job.
+
+    Raises ValueError for duplicate jobs, a dense job whose budget is not 1.0, or a (model, task) without
+    a dense job (naming the model, the task and the folder where it was expected).
+    """
+    loaded = [_as_job(j) for j in jobs]
+    if not loaded:
+        raise ValueError("no jobs given: nothing to aggregate")
+    by_key: dict[tuple[str, str, float, str], Job] = {}
+    for job in loaded:
+        if job.key in by_key:
+            raise ValueError(f"duplicate job {job.key}: {by_key[job.key].where} and {job.where}")
+        by_key[job.key] = job
+    dense: dict[tuple[str, str], Job] = {}
+    for job in loaded:
+        if job.metrics["method"] == DENSE_METHOD:
+            if float(job.metrics["budget"]) != DENSE_BUDGET:
+                raise ValueError(
+                    f"{job.where}: a dense job must have budget {DENSE_BUDGET}, got {job.metrics['budget']!r}"
+                )
+            dense[(job.key[0], job.key[3])] = job
+
+    rows = []
+    for job in loaded:
+        m = job.metrics
+        model, method, budget, task = job.key
+        ref = dense.get((model, task))
+        if ref is None:
+            raise ValueError(
+                f"no dense job for model '{model}' and task '{task}' (needed by {job.where}); expected a job "
+                f"with method '{DENSE_METHOD}' and budget {DENSE_BUDGET} at {_expected_dense_dir(job)}"
+            )
+        score, dense_score = float(m["score"]), float(ref.metrics["score"])
+        note = ""
+        if ref is job:
+            ratio, loyal = (math.nan, 1.0) if dense_score == 0 else (1.0, 1.0)
+        else:
+            ratio = retained_ratio(score, dense_score)
+            try:
+                loyal = loyalty(_predictions_by_doc(job), _predictions_by_doc(ref))
+            except ValueError as err:
+                raise ValueError(f"{job.where} against dense {ref.where}: {err}") from None
+        if math.isnan(ratio):
+            note = f"ratio undefined: dense score is {dense_score}"
+        rows.append(
+            {
+                "model": model,
+                "family": str(m.get("family", "")),
+                "method": method,
+                "method_name": str(m.get("method_name", method)),
+                "method_params": json.dumps(m.get("method_params", {}), sort_keys=True),
+                "budget": budget,
+                "task": task,
+                "metric": str(m.get("metric", "")),
+                "score": score,
+                "dense_score": dense_score,
+                "ratio": ratio,
+                "loyalty": loyal,
+                "n": int(m.get("n", len(job.predictions))),
+                "visual_kept_share": _visual_kept_share(m),
+                "note": note,
+                "code_version": str(m.get("code_version", "")),
+                "effivlm_version": str(m.get("effivlm_version", "")),
+                "job_dir": str(job.path) if job.path is not None else "",
+            }
+        )
+    table = pd.DataFrame(rows, columns=METRICS_COLUMNS)
+    return table.sort_values(_KEY, kind="mergesort").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------- summary table
+
+
+def _summarise(group: pd.DataFrame) -> dict[str, Any]:
+    undefined = group.loc[group["ratio"].isna(), ["model", "task"]]
+    og = overall_generalization(group[["task", "model", "ratio"]])
+    notes = []
+    if len(undefined):
+        pairs = ", ".join(f"{m}/{t}" for m, t in undefined.itertuples(index=False))
+        notes.append(f"ratio undefined (dense score 0) for {pairs}")
+    if math.isnan(og) and group["ratio"].notna().any():
+        notes.append("OG undefined (mean ratio 0)")
+    share = group["visual_kept_share"].dropna()
+    return {
+        "n_models": group["model"].nunique(),
+        "n_tasks": group["task"].nunique(),
+        "n_ratio_undefined": len(undefined),
+        "mean_score": float(group["score"].mean()),
+        "OP": overall_performance(group["ratio"]),
+        "OG": og,
+        "OL": overall_loyalty(group["loyalty"]),
+        "visual_kept_share": float(share.mean()) if len(share) else math.nan,
+        "note": "; ".join(notes),
+    }
+
+
+def _sort_summary(df: pd.DataFrame) -> pd.DataFrame:
+    order = df.assign(_overall=df["model"] == OVERALL)
+    order = order.sort_values(["_overall", "model", "method", "budget"], kind="mergesort")
+    return order.drop(columns="_overall").reset_index(drop=True)
+
+
+def build_summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, method, budget) plus model="overall" rows per (method, budget).
+
+    Per model: mean score, OP (RMS of the per-task ratios), OG, OL (mean loyalty, %), number of tasks.
+    Overall, as the paper aggregates: OP over all (model, task) ratios, OG across tasks of the
+    model-averaged ratio, OL averaged over tasks and models. "overall" rows come last.
+    """
+    missing = [
+        c for c in ("model", "method", "budget", "task", "score", "ratio", "loyalty") if c not in metrics
+    ]
+    if missing:
+        raise ValueError(f"metrics table lacks column(s) {', '.join(missing)}")
+    if metrics.empty:
+        raise ValueError("metrics table is empty: nothing to summarise")
+    metrics = metrics.copy()
+    for col in ("family", "method_name"):
+        if col not in metrics:
+            metrics[col] = metrics["method"] if col == "method_name" else ""
+    if "visual_kept_share" not in metrics:
+        metrics["visual_kept_share"] = math.nan
+
+    rows = []
+    for (model, method, budget), group in metrics.groupby(["model", "method", "budget"], sort=True):
+        rows.append(
+            {
+                "model": model,
+                "family": str(group["family"].iloc[0]),
+                "method": method,
+                "method_name": str(group["method_name"].iloc[0]),
+                "budget": float(budget),
+                **_summarise(group),
+            }
+        )
+    for (method, budget), group in metrics.groupby(["method", "budget"], sort=True):
+        rows.append(
+            {
+                "model": OVERALL,
+                "family": "",
+                "method": method,
+                "method_name": str(group["method_name"].iloc[0]),
+                "budget": float(budget),
+                **_summarise(group),
+            }
+        )
+    return _sort_summary(pd.DataFrame(rows, columns=SUMMARY_COLUMNS))
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table, numbers to 3 decimals (NaN shown as n/a)."""
+    columns = [
+        ("model", "model"),
+        ("method", "method"),
+        ("budget", "budget"),
+        ("n_tasks", "tasks"),
+        ("mean_score", "mean score"),
+        ("OP", "OP"),
+        ("OG", "OG"),
+        ("OL", "OL (%)"),
+        ("visual_kept_share", "visual kept"),
+    ]
+
+    def cell(value: Any) -> str:
+        if isinstance(value, bool) or value is None:
+            return str(value)
+        if isinstance(value, int):
+            return str(value)
+        if isinstance(value, float):
+            return "n/a" if math.isnan(value) else f"{value:.3f}"
+        return str(value).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(title for _, title in columns) + " |",
+        "|" + "|".join("---" if c in ("model", "method") else "---:" for c, _ in columns) + "|",
+    ]
+    for rec in _sort_summary(summary).to_dict("records"):
+        values = [rec[c] for c, _ in columns]
+        values = [int(v) if c in ("n_tasks",) else v for v, (c, _) in zip(values, columns, strict=True)]
+        lines.append("| " + " | ".join(cell(v) for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write text to a temporary file next to ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def aggregate(job_dirs: Sequence[Path], tables_dir: Path) -> dict[str, Path]:
+    """Build the tables from job folders and write metrics.csv, summary.csv and summary.md atomically.
+
+    Returns {"metrics": ..., "summary": ..., "summary_md": ...}.
+    """
+    metrics = build_metrics_table([Path(d) for d in job_dirs])
+    summary = build_summary_table(metrics)
+    tables_dir = Path(tables_dir)
+    return {
+        "metrics": write_text_atomic(
+            tables_dir / "metrics.csv", metrics.to_csv(index=False, lineterminator="\n")
+        ),
+        "summary": write_text_atomic(
+            tables_dir / "summary.csv", summary.to_csv(index=False, lineterminator="\n")
+        ),
+        "summary_md": write_text_atomic(tables_dir / "summary.md", summary_markdown(summary)),
+    }

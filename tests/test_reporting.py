@@ -1,0 +1,251 @@
+"""Tables and figures from hand-made job folders with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from effivlm.reporting import (
+    aggregate,
+    build_metrics_table,
+    build_summary_table,
+    load_job,
+    plot_retained,
+    plot_task_ratios,
+)
+
+
+def write_job(
+    root: Path,
+    model: str,
+    method: str,
+    budget: float,
+    task: str,
+    score: float,
+    predictions: list[str],
+    *,
+    visual_tokens: dict[str, int] | None = None,
+) -> Path:
+    job = root / model / method / str(budget) / task
+    job.mkdir(parents=True)
+    metrics = {
+        "model": model,
+        "family": "qwen2_vl",
+        "method": method,
+        "method_name": method,
+        "method_params": {"seed": 0} if method != "dense" else {},
+        "budget": budget,
+        "task": task,
+        "metric": "exact_match",
+        "score": score,
+        "n": len(predictions),
+        "effivlm_version": "0.1.0",
+        "code_version": "1",
+    }
+    if visual_tokens is not None:
+        metrics["visual_tokens"] = visual_tokens
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    lines = [
+        json.dumps({"doc_id": i, "target": "red", "prediction": p, "score": 1.0, "extra": [i]})
+        for i, p in enumerate(predictions)
+    ]
+    (job / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    return job
+
+
+DENSE_T1 = ["red", "blue", "green", "red"]
+DENSE_T2 = ["square", "circle"]
+
+
+@pytest.fixture
+def jobs(tmp_path: Path) -> list[Path]:
+    """Two models, two tasks, dense plus 'random' at 0.1 and 0.4, with hand-picked scores.
+
+    m1 @ 0.1: t1 0.4/0.8 = 0.5, t2 0.5/0.5 = 1.0; loyalty t1 3/4 (case/punctuation differences count as equal)
+    m2 @ 0.1: t1 0.5/1.0 = 0.5, t2 0.25/0.5 = 0.5; loyalty t1 1.0, t2 1/2
+    @ 0.4 everything equals dense.
+    """
+    root = tmp_path / "jobs"
+    vt = {"total": 3200, "kept": 400}
+    return [
+        write_job(root, "m1", "dense", 1.0, "t1", 0.8, DENSE_T1),
+        write_job(root, "m1", "dense", 1.0, "t2", 0.5, DENSE_T2),
+        write_job(root, "m2", "dense", 1.0, "t1", 1.0, DENSE_T1),
+        write_job(root, "m2", "dense", 1.0, "t2", 0.5, DENSE_T2),
+        write_job(root, "m1", "random", 0.1, "t1", 0.4, ["Red.", "BLUE", "red", " red "], visual_tokens=vt),
+        write_job(root, "m1", "random", 0.1, "t2", 0.5, DENSE_T2, visual_tokens=vt),
+        write_job(root, "m2", "random", 0.1, "t1", 0.5, DENSE_T1, visual_tokens=vt),
+        write_job(root, "m2", "random", 0.1, "t2", 0.25, ["square", "triangle"], visual_tokens=vt),
+        write_job(root, "m1", "random", 0.4, "t1", 0.8, DENSE_T1),
+        write_job(root, "m1", "random", 0.4, "t2", 0.5, DENSE_T2),
+        write_job(root, "m2", "random", 0.4, "t1", 1.0, DENSE_T1),
+        write_job(root, "m2", "random", 0.4, "t2", 0.5, DENSE_T2),
+    ]
+
+
+def row(df: pd.DataFrame, **key: object) -> pd.Series:
+    mask = pd.Series(True, index=df.index)
+    for col, value in key.items():
+        mask &= df[col] == value
+    assert mask.sum() == 1, key
+    return df[mask].iloc[0]
+
+
+def test_load_job_reads_both_files(jobs: list[Path]) -> None:
+    metrics, preds = load_job(jobs[4])
+    assert metrics["method"] == "random" and metrics["budget"] == 0.1
+    assert list(preds["doc_id"]) == [0, 1, 2, 3]
+    assert {"target", "prediction", "score", "extra"} <= set(preds.columns)
+
+
+def test_metrics_table_ratios_and_loyalty(jobs: list[Path]) -> None:
+    table = build_metrics_table(jobs)
+    assert len(table) == 12
+    expected_cols = {"model", "family", "method", "method_name", "budget", "task", "metric", "score"}
+    expected_cols |= {"dense_score", "ratio", "loyalty", "n", "visual_kept_share"}
+    assert expected_cols <= set(table.columns)
+    r = row(table, model="m1", method="random", budget=0.1, task="t1")
+    assert r["dense_score"] == 0.8 and r["ratio"] == pytest.approx(0.5) and r["loyalty"] == 0.75
+    assert r["visual_kept_share"] == pytest.approx(400 / 3200) and r["n"] == 4
+    r = row(table, model="m2", method="random", budget=0.1, task="t2")
+    assert r["ratio"] == pytest.approx(0.5) and r["loyalty"] == 0.5
+    assert math.isnan(row(table, model="m1", method="random", budget=0.4, task="t1")["visual_kept_share"])
+    # sorted by model, method, budget, task
+    keys = list(table[["model", "method", "budget", "task"]].itertuples(index=False, name=None))
+    assert keys == sorted(keys)
+
+
+def test_dense_rows_are_exactly_one(jobs: list[Path]) -> None:
+    dense = build_metrics_table(jobs).query("method == 'dense'")
+    assert len(dense) == 4
+    assert (dense["ratio"] == 1.0).all() and (dense["loyalty"] == 1.0).all()
+
+
+def test_summary_per_model_and_overall(jobs: list[Path]) -> None:
+    summary = build_summary_table(build_metrics_table(jobs))
+    m1 = row(summary, model="m1", method="random", budget=0.1)
+    assert m1["OP"] == pytest.approx(math.sqrt((0.5**2 + 1.0**2) / 2))
+    assert m1["OL"] == pytest.approx(100 * (0.75 + 1.0) / 2)
+    assert m1["mean_score"] == pytest.approx((0.4 + 0.5) / 2) and m1["n_tasks"] == 2
+    assert row(summary, model="m2", method="random", budget=0.1)["OP"] == pytest.approx(0.5)
+
+    overall = row(summary, model="overall", method="random", budget=0.1)
+    assert overall["OP"] == pytest.approx(math.sqrt((0.25 + 1.0 + 0.25 + 0.25) / 4))
+    assert overall["OL"] == pytest.approx(100 * (0.75 + 1.0 + 1.0 + 0.5) / 4)
+    # model-averaged ratios: t1 (0.5 + 0.5) / 2 = 0.5, t2 (1.0 + 0.5) / 2 = 0.75 -> std 0.125 / mean 0.625
+    assert overall["OG"] == pytest.approx(100 * 0.125 / 0.625)
+    assert overall["n_models"] == 2
+
+    dense = row(summary, model="overall", method="dense", budget=1.0)
+    assert dense["OP"] == 1.0 and dense["OL"] == 100.0 and dense["OG"] == 0.0
+    assert list(summary["model"].iloc[-3:]) == ["overall"] * 3
+
+
+def test_missing_dense_names_model_task_and_folder(jobs: list[Path]) -> None:
+    without = [j for j in jobs if not (j.parts[-4:-2] == ("m2", "dense") and j.name == "t2")]
+    expected = str(jobs[0].parents[3] / "m2" / "dense" / "1.0" / "t2")
+    with pytest.raises(ValueError, match="model 'm2' and task 't2'") as err:
+        build_metrics_table(without)
+    assert expected in str(err.value)
+
+
+def test_empty_predictions_name_the_file(jobs: list[Path]) -> None:
+    (jobs[4] / "predictions.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no samples") as err:
+        build_metrics_table(jobs)
+    assert str(jobs[4] / "predictions.jsonl") in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("metrics.json", "{not json", "not valid JSON"),
+        ("metrics.json", '{"model": "m1"}', "missing key"),
+        (
+            "predictions.jsonl",
+            '{"doc_id": 0, "prediction": "red"}\n{broken\n',
+            r"predictions.jsonl:2: not valid JSON",
+        ),
+        ("predictions.jsonl", '{"doc_id": 0}\n', "missing key.*prediction"),
+    ],
+)
+def test_corrupt_files_name_the_file(jobs: list[Path], name: str, content: str, message: str) -> None:
+    (jobs[4] / name).write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        load_job(jobs[4])
+    assert str(jobs[4] / name) in str(err.value)
+
+
+def test_missing_metrics_and_truncated_log(jobs: list[Path]) -> None:
+    (jobs[5] / "metrics.json").unlink()
+    with pytest.raises(ValueError, match="metrics.json: missing"):
+        load_job(jobs[5])
+    (jobs[4] / "predictions.jsonl").write_text(json.dumps({"doc_id": 0, "prediction": "red"}) + "\n")
+    with pytest.raises(ValueError, match="1 samples, but metrics.json says n=4"):
+        load_job(jobs[4])
+
+
+def test_doc_id_mismatch_names_the_job(tmp_path: Path) -> None:
+    dense = write_job(tmp_path, "m", "dense", 1.0, "t", 1.0, ["a", "b", "c"])
+    short = write_job(tmp_path, "m", "fastv", 0.1, "t", 1.0, ["a", "b"])
+    with pytest.raises(ValueError, match="missing from the compressed predictions: 2") as err:
+        build_metrics_table([dense, short])
+    assert str(short) in str(err.value)
+
+
+def test_duplicate_jobs_are_refused(jobs: list[Path]) -> None:
+    with pytest.raises(ValueError, match="duplicate job"):
+        build_metrics_table([*jobs, jobs[0]])
+
+
+def test_zero_dense_score_gives_nan_ratio_with_a_note(tmp_path: Path) -> None:
+    jobs = [
+        write_job(tmp_path, "m", "dense", 1.0, "t", 0.0, ["a"]),
+        write_job(tmp_path, "m", "dense", 1.0, "u", 0.5, ["a"]),
+        write_job(tmp_path, "m", "h2o", 0.1, "t", 0.0, ["a"]),
+        write_job(tmp_path, "m", "h2o", 0.1, "u", 0.25, ["b"]),
+    ]
+    table = build_metrics_table(jobs)
+    r = row(table, method="h2o", task="t")
+    assert math.isnan(r["ratio"]) and "dense score is 0" in r["note"]
+    s = row(build_summary_table(table), model="m", method="h2o")
+    assert s["OP"] == pytest.approx(0.5) and s["n_ratio_undefined"] == 1 and "m/t" in s["note"]
+
+
+def test_aggregate_writes_tables_atomically_and_deterministically(jobs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "tables"
+    paths = aggregate(jobs, out)
+    assert set(paths) == {"metrics", "summary", "summary_md"}
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "summary.csv", "summary.md"]
+    first = {k: p.read_bytes() for k, p in paths.items()}
+    aggregate(list(reversed(jobs)), out)
+    assert {k: p.read_bytes() for k, p in paths.items()} == first
+
+    metrics = pd.read_csv(paths["metrics"])
+    assert len(metrics) == 12
+    md = paths["summary_md"].read_text()
+    assert md.startswith("| model | method | budget |")
+    assert f"| m1 | random | 0.100 | 2 | 0.450 | {math.sqrt(0.625):.3f} |" in md
+    assert md.strip().splitlines()[-1].startswith("| overall | random | 0.400 |")
+
+
+def test_figures_are_written_and_deterministic(jobs: list[Path], tmp_path: Path) -> None:
+    metrics_csv = aggregate(jobs, tmp_path / "tables")["metrics"]
+    for plot in (plot_retained, plot_task_ratios):
+        a_png, a_svg = tmp_path / f"{plot.__name__}_a.png", tmp_path / f"{plot.__name__}_a.svg"
+        b_png, b_svg = tmp_path / f"{plot.__name__}_b.png", tmp_path / f"{plot.__name__}_b.svg"
+        plot(metrics_csv, a_png, a_svg)
+        plot(metrics_csv, b_png, b_svg)
+        assert a_png.stat().st_size > 1000 and a_svg.stat().st_size > 1000
+        assert a_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert a_svg.read_bytes() == b_svg.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_figures_refuse_a_missing_csv(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="metrics.csv: missing"):
+        plot_retained(tmp_path / "metrics.csv", tmp_path / "a.png", tmp_path / "a.svg")
