@@ -1,0 +1,47 @@
+"""Shared fixtures: small random-init backbones of every family, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from effivlm.backbones import TinySizes, available_families, get_adapter
+from effivlm.backbones.tiny import build_tiny, save_backbone
+
+TEST_SIZES = TinySizes(
+    text_hidden=64,
+    text_layers=2,
+    text_heads=4,
+    text_kv_heads=2,
+    text_intermediate=128,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate=64,
+)
+CORPUS = [
+    "what color is the shape at the top left?",
+    "how many shapes are there?",
+    "red green blue yellow one two three four yes no",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory) -> dict[str, Path]:
+    """family -> folder of a saved random-init small backbone (64 px images, 16 visual tokens per view)."""
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for family in available_families():
+        model, processor, kwargs = build_tiny(get_adapter(family), CORPUS, 64, TEST_SIZES, seed=0)
+        save_backbone(model, processor, kwargs, root / family)
+        paths[family] = root / family
+    return paths
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
