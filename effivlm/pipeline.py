@@ -74,7 +74,12 @@ class Pipeline:
         built = build_method(method, budget, method_params)  # fails on bad input before any weight is loaded
         built.check_family(family)
         backbone = load_backbone(
-            model_path, family, dtype=dtype, device=device, attn_implementation=attn_implementation, revision=revision
+            model_path,
+            family,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            revision=revision,
         )
         return cls(backbone, built, seed=seed)
 
@@ -129,19 +134,26 @@ class Pipeline:
                 for i in range(count):
                     feats = features[image_index].to(embeds.dtype)  # (N_i, D)
                     image_slots = slots[offset : offset + feats.shape[0]]
-                    kept = self._reduce_image(model, inputs, b, i, image_index, feats, image_slots, embeds, keep)
+                    kept = self._reduce_image(
+                        model, inputs, b, i, image_index, feats, image_slots, embeds, keep
+                    )
                     stats[b]["visual_tokens"].append(int(feats.shape[0]))
                     stats[b]["visual_kept"].append(kept)
                     offset += feats.shape[0]
                     image_index += 1
                 if offset != slots.numel():
-                    raise RuntimeError(f"sample {b}: {slots.numel()} image tokens but {offset} visual features")
+                    raise RuntimeError(
+                        f"sample {b}: {slots.numel()} image tokens but {offset} visual features"
+                    )
         rows = [keep[b].nonzero().squeeze(-1) for b in range(keep.shape[0])]
         new_embeds = repack_left([embeds[b, r] for b, r in enumerate(rows)], 0.0)
         new_mask = repack_left([attention_mask[b, r] for b, r in enumerate(rows)], 0)
         if positions.ndim == 3:  # (3, B, L): repack each rope axis
             new_positions = torch.stack(
-                [repack_left([positions[a, b, r] for b, r in enumerate(rows)], 1) for a in range(positions.shape[0])]
+                [
+                    repack_left([positions[a, b, r] for b, r in enumerate(rows)], 1)
+                    for a in range(positions.shape[0])
+                ]
             )
         else:
             new_positions = repack_left([positions[b, r] for b, r in enumerate(rows)], 1)
@@ -160,7 +172,9 @@ class Pipeline:
         segments = self.backbone.adapter.image_segments(model, inputs, image_index, feats.shape[0])
         for s, seg in enumerate(segments):
             seg_feats = feats[seg.start : seg.start + seg.length]
-            ctx = SegmentContext(features=seg_feats, grid=seg.grid, sample_index=b, image_index=i, segment_index=s)
+            ctx = SegmentContext(
+                features=seg_feats, grid=seg.grid, sample_index=b, image_index=i, segment_index=s
+            )
             red = self.method.reduce(ctx)
             seg_slots = image_slots[seg.start + red.positions.to(image_slots.device)]
             embeds[b, seg_slots] = red.features.to(embeds.dtype)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from effivlm.backbones import TinySizes, available_families, get_adapter
+from effivlm.backbones import available_families, get_adapter
+from effivlm.backbones.base import TinySizes
 from effivlm.backbones.tiny import build_tiny, save_backbone
 
 TEST_SIZES = TinySizes(

@@ -140,3 +140,12 @@ def test_multi_image_prompts(backbone, images):
     (gen,) = pipe.generate([Prompt([images[0], images[1]], QUESTIONS[0])], max_new_tokens=3)
     assert len(gen.stats["visual_tokens"]) == 2
     assert all(k < n for k, n in zip(gen.stats["visual_kept"], gen.stats["visual_tokens"], strict=True))
+
+
+def test_every_family_module_registers_its_adapter():
+    from effivlm.backbones import FAMILY_MODULES
+    from effivlm.backbones.base import ADAPTERS
+
+    for family in FAMILY_MODULES:
+        assert get_adapter(family).family == family
+    assert ADAPTERS.names() == available_families()

@@ -14,12 +14,16 @@ def test_registry_lists_the_methods():
 
 
 def test_unknown_method_names_the_closest_and_the_known():
-    with pytest.raises(ValueError, match=r"unknown method 'randm' \(did you mean 'random'\?\); known: .*dense"):
+    with pytest.raises(
+        ValueError, match=r"unknown method 'randm' \(did you mean 'random'\?\); known: .*dense"
+    ):
         build_method("randm", 0.1)
 
 
 def test_unknown_parameter_is_named():
-    with pytest.raises(ValueError, match=r"method 'random': unknown parameter 'sed' \(did you mean 'seed'\?\)"):
+    with pytest.raises(
+        ValueError, match=r"method 'random': unknown parameter 'sed' \(did you mean 'seed'\?\)"
+    ):
         build_method("random", 0.1, {"sed": 1})
 
 
@@ -34,7 +38,9 @@ def test_dense_only_at_full_budget():
         build_method("dense", 0.5)
 
 
-@pytest.mark.parametrize(("budget", "n", "k"), [(0.01, 16, 1), (0.1, 16, 2), (0.4, 16, 7), (1.0, 16, 16), (0.3, 10, 3)])
+@pytest.mark.parametrize(
+    ("budget", "n", "k"), [(0.01, 16, 1), (0.1, 16, 2), (0.4, 16, 7), (1.0, 16, 16), (0.3, 10, 3)]
+)
 def test_kept_count_is_the_ceiling_of_the_share(budget, n, k):
     assert kept_count(budget, n) == k
 

@@ -79,17 +79,20 @@ def test_corpus_text_covers_every_question_and_answer():
 # ---------------------------------------------------------------- the images say what the answers say
 
 
+def _only_inked_cell(pixels: np.ndarray) -> int:
+    inked = [cell for cell in range(4) if _cell_inked(pixels, cell)]
+    assert len(inked) == 1, inked
+    return inked[0]
+
+
 @pytest.mark.parametrize("size", SIZES)
-def test_color_answer_is_the_colour_at_the_named_cell_centre(size):
+def test_color_answer_is_the_colour_of_the_one_shape(size):
     for sample in _samples("color", 200, size):
         pixels = np.asarray(sample.image)
         assert pixels.shape == (size, size, 3)
-        position = sample.question.removeprefix("what color is the shape at the ").removesuffix("?")
-        y, x = _cell_centres(size)[syn.POSITIONS.index(position)]
+        y, x = _cell_centres(size)[_only_inked_cell(pixels)]
         assert _color_name(pixels[y, x]) == sample.answer
-        # every cell holds a shape of a named colour, and nothing but black and those colours is drawn
-        for y, x in _cell_centres(size):
-            assert _color_name(pixels[y, x]) is not None
+        # nothing but black and the named colours is drawn
         allowed = [_packed(np.array(c)) for c in [(0, 0, 0), *syn.COLORS.values()]]
         assert np.isin(_packed(pixels), allowed).all()
 
@@ -103,27 +106,9 @@ def test_count_answer_is_the_number_of_non_black_cells(size):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_spatial_answer_matches_where_the_two_colours_are(size):
+def test_spatial_answer_is_the_cell_of_the_one_shape(size):
     for sample in _samples("spatial", 200, size):
-        pixels = np.asarray(sample.image)
-        where = {}
-        for cell, (y, x) in enumerate(_cell_centres(size)):
-            name = _color_name(pixels[y, x])
-            if name is not None:
-                where[name] = divmod(cell, 2)  # (row, col)
-            else:
-                assert not _cell_inked(pixels, cell)
-        assert len(where) == 2
-        words = sample.question.split()
-        first, second = words[2], words[-2]
-        (row_a, col_a), (row_b, col_b) = where[first], where[second]
-        if " left of " in sample.question:
-            assert col_a != col_b  # only asked when it has an answer
-            truth = col_a < col_b
-        else:
-            assert " above " in sample.question and row_a != row_b
-            truth = row_a < row_b
-        assert sample.answer == ("yes" if truth else "no")
+        assert syn.POSITIONS[_only_inked_cell(np.asarray(sample.image))] == sample.answer
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -191,13 +176,10 @@ def test_answers_are_balanced(task):
         assert 0.6 * expected <= counts[answer] <= 1.4 * expected, (answer, counts)
 
 
-def test_spatial_yes_no_is_balanced_for_each_relation():
-    by_relation: dict[str, Counter] = {"left of": Counter(), "above": Counter()}
-    for sample in _samples("spatial", 1000, seed=3):
-        relation = "left of" if " left of " in sample.question else "above"
-        by_relation[relation][sample.answer] += 1
-    for counts in by_relation.values():
-        assert 0.4 <= counts["yes"] / (counts["yes"] + counts["no"]) <= 0.6, counts
+def test_spatial_positions_are_balanced():
+    counts = Counter(sample.answer for sample in _samples("spatial", 1000, seed=3))
+    assert set(counts) == set(syn.POSITIONS)
+    assert all(0.2 <= c / 1000 <= 0.3 for c in counts.values()), counts
 
 
 # ---------------------------------------------------------------- files
@@ -241,16 +223,16 @@ def test_manifest_and_records(tmp_path):
 
 
 def test_train_split_excludes_the_test_split(tmp_path):
-    # read has the fewest distinct images, so without exclusion the splits would overlap.
+    # spatial has the fewest distinct images (~3,600), so without exclusion the splits would overlap.
     def keys(path):
         return [syn.content_key(r["image"], r["question"]) for r in syn.read_split(path)]
 
-    test_keys = syn.write_split(tmp_path / "test.jsonl", "read", "test", 300, 5, 64)
+    test_keys = syn.write_split(tmp_path / "test.jsonl", "spatial", "test", 300, 5, 64)
     assert keys(tmp_path / "test.jsonl") == test_keys
-    unfiltered = syn.write_split(tmp_path / "plain.jsonl", "read", "train", 1000, 5, 64)
+    unfiltered = syn.write_split(tmp_path / "plain.jsonl", "spatial", "train", 1000, 5, 64)
     assert set(unfiltered) & set(test_keys)
     train_keys = syn.write_split(
-        tmp_path / "train.jsonl", "read", "train", 1000, 5, 64, exclude=set(test_keys)
+        tmp_path / "train.jsonl", "spatial", "train", 1000, 5, 64, exclude=set(test_keys)
     )
     assert len(train_keys) == 1000 and not set(train_keys) & set(test_keys)
     assert keys(tmp_path / "train.jsonl") == train_keys

@@ -55,6 +55,23 @@ class TinySizes:
     max_positions: int = 1024
 
 
+def qwen2_text_config(vocab_size: int, token_ids: dict[str, int], sizes: TinySizes) -> dict[str, Any]:
+    """The Qwen2 language model that every supported family's small backbone uses, as config kwargs."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": sizes.text_hidden,
+        "intermediate_size": sizes.text_intermediate,
+        "num_hidden_layers": sizes.text_layers,
+        "num_attention_heads": sizes.text_heads,
+        "num_key_value_heads": sizes.text_kv_heads,
+        "max_position_embeddings": sizes.max_positions,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": token_ids["<|im_end|>"],
+        "pad_token_id": token_ids["<|endoftext|>"],
+    }
+
+
 class FamilyAdapter(ABC):
     family: ClassVar[str]
     model_class: ClassVar[type[PreTrainedModel]]
@@ -112,7 +129,9 @@ class FamilyAdapter(ABC):
 
     # ----------------------------------------------------------------- the embedded default
     @abstractmethod
-    def tiny_config(self, vocab_size: int, token_ids: dict[str, int], image_size: int, sizes: TinySizes) -> Any:
+    def tiny_config(
+        self, vocab_size: int, token_ids: dict[str, int], image_size: int, sizes: TinySizes
+    ) -> Any:
         """A small config of this family's real model class."""
 
     @abstractmethod
@@ -140,11 +159,3 @@ ADAPTERS: Registry[type[FamilyAdapter]] = Registry("family")
 def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
     ADAPTERS.register(cls.family)(cls)
     return cls
-
-
-def get_adapter(family: str) -> FamilyAdapter:
-    return ADAPTERS.get(family)()
-
-
-def available_families() -> list[str]:
-    return ADAPTERS.names()

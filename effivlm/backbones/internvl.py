@@ -6,9 +6,21 @@ import math
 from typing import Any
 
 import torch
-from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+from transformers import (
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+)
 
-from effivlm.backbones.base import FamilyAdapter, Segment, TinySizes, contiguous_runs, register_adapter
+from effivlm.backbones.base import (
+    FamilyAdapter,
+    Segment,
+    TinySizes,
+    contiguous_runs,
+    qwen2_text_config,
+    register_adapter,
+)
 
 PATCH = 8
 
@@ -59,20 +71,7 @@ class InternVLAdapter(FamilyAdapter):
 
     def tiny_config(self, vocab_size, token_ids, image_size, sizes: TinySizes):
         return InternVLConfig(
-            text_config=dict(
-                model_type="qwen2",
-                vocab_size=vocab_size,
-                hidden_size=sizes.text_hidden,
-                intermediate_size=sizes.text_intermediate,
-                num_hidden_layers=sizes.text_layers,
-                num_attention_heads=sizes.text_heads,
-                num_key_value_heads=sizes.text_kv_heads,
-                max_position_embeddings=sizes.max_positions,
-                tie_word_embeddings=False,
-                bos_token_id=None,
-                eos_token_id=token_ids["<|im_end|>"],
-                pad_token_id=token_ids["<|endoftext|>"],
-            ),
+            text_config={"model_type": "qwen2", **qwen2_text_config(vocab_size, token_ids, sizes)},
             vision_config=dict(
                 hidden_size=sizes.vision_hidden,
                 intermediate_size=sizes.vision_intermediate,

@@ -13,7 +13,7 @@ from transformers import (
     LlavaOnevisionProcessor,
 )
 
-from effivlm.backbones.base import FamilyAdapter, Segment, TinySizes, register_adapter
+from effivlm.backbones.base import FamilyAdapter, Segment, TinySizes, qwen2_text_config, register_adapter
 
 
 @register_adapter
@@ -64,20 +64,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def tiny_config(self, vocab_size, token_ids, image_size, sizes: TinySizes):
         patch = 16
         return LlavaOnevisionConfig(
-            text_config=dict(
-                model_type="qwen2",
-                vocab_size=vocab_size,
-                hidden_size=sizes.text_hidden,
-                intermediate_size=sizes.text_intermediate,
-                num_hidden_layers=sizes.text_layers,
-                num_attention_heads=sizes.text_heads,
-                num_key_value_heads=sizes.text_kv_heads,
-                max_position_embeddings=sizes.max_positions,
-                tie_word_embeddings=False,
-                bos_token_id=None,
-                eos_token_id=token_ids["<|im_end|>"],
-                pad_token_id=token_ids["<|endoftext|>"],
-            ),
+            text_config={"model_type": "qwen2", **qwen2_text_config(vocab_size, token_ids, sizes)},
             vision_config=dict(
                 model_type="siglip_vision_model",
                 hidden_size=sizes.vision_hidden,

@@ -9,7 +9,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 
-from effivlm.backbones.base import FamilyAdapter, get_adapter
+from effivlm.backbones import get_adapter
+from effivlm.backbones.base import FamilyAdapter
 from effivlm.backbones.processor import load_processor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,6 +65,8 @@ def load_backbone(
         attn_implementation=attn_implementation,
     )
     model.eval()
-    processor = load_processor(path, adapter.processor_class, adapter.image_processor_class, revision=revision)
+    processor = load_processor(
+        path, adapter.processor_class, adapter.image_processor_class, revision=revision
+    )
     processor.tokenizer.padding_side = "left"
     return Backbone(model=model, processor=processor, adapter=adapter, path=str(path))

@@ -75,7 +75,9 @@ def load_processor(
     if (local / PROCESSOR_CONFIG).is_file():
         saved = json.loads((local / PROCESSOR_CONFIG).read_text())
         accepted = set(processor_class.__init__.__code__.co_varnames)
-        kwargs = {k: v for k, v in saved.items() if k in accepted and k not in ("image_processor", "tokenizer")}
+        kwargs = {
+            k: v for k, v in saved.items() if k in accepted and k not in ("image_processor", "tokenizer")
+        }
     if (local / CHAT_TEMPLATE).is_file():
         kwargs["chat_template"] = (local / CHAT_TEMPLATE).read_text()
     kwargs.update(overrides)

@@ -15,7 +15,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
-from effivlm.backbones.base import FamilyAdapter, Segment, TinySizes, register_adapter
+from effivlm.backbones.base import FamilyAdapter, Segment, TinySizes, qwen2_text_config, register_adapter
 
 PATCH = 8
 MERGE = 2
@@ -69,20 +69,10 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     def _text_config(self, vocab_size, token_ids, sizes: TinySizes) -> dict:
         head_dim = sizes.text_hidden // sizes.text_heads
-        return dict(
-            vocab_size=vocab_size,
-            hidden_size=sizes.text_hidden,
-            intermediate_size=sizes.text_intermediate,
-            num_hidden_layers=sizes.text_layers,
-            num_attention_heads=sizes.text_heads,
-            num_key_value_heads=sizes.text_kv_heads,
-            max_position_embeddings=sizes.max_positions,
-            rope_scaling={"type": "mrope", "mrope_section": _mrope_section(head_dim)},
-            tie_word_embeddings=False,
-            bos_token_id=None,
-            eos_token_id=token_ids["<|im_end|>"],
-            pad_token_id=token_ids["<|endoftext|>"],
-        )
+        return {
+            **qwen2_text_config(vocab_size, token_ids, sizes),
+            "rope_scaling": {"type": "mrope", "mrope_section": _mrope_section(head_dim)},
+        }
 
     def _token_config(self, token_ids) -> dict:
         return dict(

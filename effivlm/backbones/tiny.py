@@ -15,7 +15,9 @@ from effivlm.backbones.base import COMMON_SPECIAL_TOKENS, FamilyAdapter, TinySiz
 from effivlm.backbones.processor import build_processor, save_processor
 
 
-def train_tokenizer(corpus: Iterable[str], adapter: FamilyAdapter, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    corpus: Iterable[str], adapter: FamilyAdapter, vocab_size: int = 512
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``corpus``, with the ChatML tokens and the family's own specials."""
     specials = list(COMMON_SPECIAL_TOKENS) + list(dict.fromkeys(adapter.special_tokens.values()))
     backend = Tokenizer(models.BPE())

@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from effivlm.backbones.base import FamilyAdapter, TinySizes, get_adapter
+from effivlm.backbones import get_adapter
+from effivlm.backbones.base import FamilyAdapter, TinySizes
 from effivlm.backbones.tiny import build_tiny, save_backbone
 from effivlm.data import synthetic
+from effivlm.io import log_to_file
 from effivlm.registry import closest_hint
 
 #: bump when the training procedure changes in a way that changes the weights
@@ -37,8 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainSpec:
-    steps: int = 1500
-    batch_size: int = 64
+    steps: int = 3000
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 100
@@ -53,11 +55,15 @@ class TrainSpec:
         allowed = [f.name for f in fields(cls)]
         for key in spec:
             if key not in allowed:
-                raise ValueError(f"train: unknown setting '{key}'{closest_hint(key, allowed)}; allowed: {', '.join(allowed)}")
+                raise ValueError(
+                    f"train: unknown setting '{key}'{closest_hint(key, allowed)}; allowed: {', '.join(allowed)}"
+                )
         sizes = TinySizes(**spec.pop("sizes", {}))
         built = cls(sizes=sizes, **spec)
         if built.steps < 1 or built.batch_size < 1:
-            raise ValueError(f"train: steps and batch_size must be >= 1, got {built.steps} and {built.batch_size}")
+            raise ValueError(
+                f"train: steps and batch_size must be >= 1, got {built.steps} and {built.batch_size}"
+            )
         if not 0.0 <= built.min_accuracy <= 1.0:
             raise ValueError(f"train: min_accuracy {built.min_accuracy} is outside [0, 1]")
         return built
@@ -65,7 +71,9 @@ class TrainSpec:
 
 def fingerprint(family: str, spec: TrainSpec, seed: int, manifest: dict[str, Any]) -> str:
     """Hash of everything that determines the trained weights (not ``prebuilt`` nor ``min_accuracy``)."""
-    relevant = {k: v for k, v in asdict(spec).items() if k not in ("prebuilt", "min_accuracy", "eval_batch_size")}
+    relevant = {
+        k: v for k, v in asdict(spec).items() if k not in ("prebuilt", "min_accuracy", "eval_batch_size")
+    }
     payload = {
         "family": family,
         "spec": relevant,
@@ -96,7 +104,9 @@ def encode_batch(processor, records: list[dict]) -> tuple[dict[str, torch.Tensor
         answer_ids = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         tail = inputs["input_ids"][b, -len(answer_ids) :].tolist()
         if tail != answer_ids:  # left padding puts the answer last; anything else is a tokenizer surprise
-            raise RuntimeError(f"answer tokens not at the end of the sequence for {r['id']}: {tail} != {answer_ids}")
+            raise RuntimeError(
+                f"answer tokens not at the end of the sequence for {r['id']}: {tail} != {answer_ids}"
+            )
         target[b, -len(answer_ids) :] = True
     inputs["batch_num_images"] = torch.ones(len(records), dtype=torch.long)
     return inputs, target
@@ -115,7 +125,9 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
     return spec.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_model(model, processor, adapter: FamilyAdapter, records: list[dict], spec: TrainSpec, seed: int) -> None:
+def train_model(
+    model, processor, adapter: FamilyAdapter, records: list[dict], spec: TrainSpec, seed: int
+) -> None:
     """Teacher-forced next-token loss on the answer tokens only, AdamW with warm-up and cosine decay."""
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -139,14 +151,17 @@ def train_model(model, processor, adapter: FamilyAdapter, records: list[dict], s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
-        progress.set_postfix(loss=f"{running:.4f}")
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        progress.set_postfix(loss=f"{running:.4f}", refresh=False)
         if step % 100 == 0 or step == spec.steps - 1:
             log.info("step %d/%d loss %.4f lr %.2e", step, spec.steps, running, _lr_at(step, spec))
     model.eval()
 
 
-def held_out_accuracy(out_dir: Path, family: str, data_dir: Path, tasks: list[str], batch_size: int) -> dict[str, float]:
+def held_out_accuracy(
+    out_dir: Path, family: str, data_dir: Path, tasks: list[str], batch_size: int
+) -> dict[str, float]:
     """Exact-match accuracy of greedy answers on each task's test split, through the evaluation engine."""
     from effivlm.metrics.loyalty import normalise_prediction
     from effivlm.pipeline import Pipeline, Prompt
@@ -183,8 +198,14 @@ def train_backbone(
     log_path: Path | None = None,
 ) -> dict[str, Any]:
     """Build and train (or reuse a matching prebuilt) small backbone of ``family``; write it to ``out_dir``."""
+    with log_to_file(log_path, f"training {family}"):
+        return _train_backbone(family, Path(data_dir), Path(out_dir), spec, seed, prebuilt_dir)
+
+
+def _train_backbone(
+    family: str, data_dir: Path, out_dir: Path, spec: dict[str, Any], seed: int, prebuilt_dir: Path | None
+) -> dict[str, Any]:
     adapter = get_adapter(family)
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     image_size = int(manifest["image_size"])
     tasks = list(manifest["tasks"])
@@ -198,7 +219,12 @@ def train_backbone(
             _copy_atomic(Path(prebuilt_dir), out_dir)
             _check_accuracy(meta, train_spec)
             return meta
-        log.info("prebuilt %s does not match (fingerprint %s != %s): training", prebuilt_dir, meta.get("fingerprint", "")[:12], key[:12])
+        log.info(
+            "prebuilt %s does not match (fingerprint %s != %s): training",
+            prebuilt_dir,
+            meta.get("fingerprint", "")[:12],
+            key[:12],
+        )
 
     started = time.perf_counter()
     corpus = synthetic.corpus_text()

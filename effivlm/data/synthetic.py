@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import itertools
 import json
 import os
 import re
@@ -45,16 +44,32 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "blue": (0, 0, 255),
     "yellow": (255, 255, 0),
 }
-# The read task never names its colour, so it may use more (more distinct images for the held-out split).
-INK_COLORS: tuple[tuple[int, int, int], ...] = (
-    *COLORS.values(),
-    (255, 0, 255),
-    (0, 255, 255),
-    (255, 255, 255),
-)
+
+
+def _random_ink(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A bright ink of any hue for the read task, which never names its colour.
+
+    Drawing the ink from a continuum (rather than a few named colours) makes nearly every training image
+    distinct, so the held-out split tests reading the glyph, not recalling a seen (glyph, colour) pair.
+    """
+    hue = float(rng.random()) * 6.0
+    sector, frac = int(hue) % 6, hue - int(hue)
+    low = 64 + int(rng.integers(64))  # the weakest channel: saturated, never black
+    rise, fall = low + round((255 - low) * frac), 255 - round((255 - low) * frac)
+    channels = [
+        (255, rise, low),
+        (fall, 255, low),
+        (low, 255, rise),
+        (low, fall, 255),
+        (rise, low, 255),
+        (255, low, fall),
+    ][sector]
+    return channels
+
+
 SHAPES = ("square", "circle", "triangle")
 # Cell index = 2 * row + col.
-POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right")
 COUNT_WORDS = ("one", "two", "three", "four")
 # Digits, not "zero".."nine": those would collide with the count task's answers.
 DIGIT_ANSWERS = tuple(str(d) for d in range(10))
@@ -83,22 +98,19 @@ class Sample:
     answer: str
 
 
-_COLOR_TEMPLATE = "what color is the shape at the {position}?"
+_COLOR_QUESTION = "what color is the shape?"
 _COUNT_QUESTION = "how many shapes are there?"
-_LEFT_TEMPLATE = "is the {first} shape left of the {second} shape?"
-_ABOVE_TEMPLATE = "is the {first} shape above the {second} shape?"
+_WHERE_QUESTION = "where is the shape?"
 _READ_QUESTION = "what digit is written?"
-
-_COLOR_PAIRS = tuple((a, b) for a, b in itertools.product(COLORS, COLORS) if a != b)
 
 TASKS: dict[str, TaskSpec] = {
     "color": TaskSpec(
         name="color",
-        question_templates=(_COLOR_TEMPLATE,),
+        question_templates=(_COLOR_QUESTION,),
         answers=tuple(COLORS),
         needs_image=True,
-        description="colour of the shape in one named cell of a full 2x2 grid (local: one quarter of the image)",
-        questions=tuple(_COLOR_TEMPLATE.format(position=p) for p in POSITIONS),
+        description="colour of the one shape, in a random cell of a 2x2 grid (local: one quarter of the image)",
+        questions=(_COLOR_QUESTION,),
     ),
     "count": TaskSpec(
         name="count",
@@ -110,13 +122,11 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "spatial": TaskSpec(
         name="spatial",
-        question_templates=(_LEFT_TEMPLATE, _ABOVE_TEMPLATE),
-        answers=("yes", "no"),
+        question_templates=(_WHERE_QUESTION,),
+        answers=POSITIONS,
         needs_image=True,
-        description="left-of / above relation between two shapes named by colour (relational: two cells)",
-        questions=tuple(
-            t.format(first=a, second=b) for t in (_LEFT_TEMPLATE, _ABOVE_TEMPLATE) for a, b in _COLOR_PAIRS
-        ),
+        description="which cell of a 2x2 grid holds the one shape (spatial: where the content is, not what)",
+        questions=(_WHERE_QUESTION,),
     ),
     "read": TaskSpec(
         name="read",
@@ -207,11 +217,9 @@ def _distinct(rng: np.random.Generator, n: int, k: int) -> list[int]:
 
 def _render_color(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, str]:
     canvas = np.zeros((size, size, 3), dtype=np.uint8)  # (H, W, RGB)
-    names = [_random_color(rng) for _ in range(4)]
-    for cell, name in enumerate(names):
-        _draw_random_shape(canvas, cell, rng, COLORS[name])
-    asked = int(rng.integers(4))
-    return canvas, _COLOR_TEMPLATE.format(position=POSITIONS[asked]), names[asked]
+    name = _random_color(rng)
+    _draw_random_shape(canvas, int(rng.integers(4)), rng, COLORS[name])
+    return canvas, _COLOR_QUESTION, name
 
 
 def _render_count(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, str]:
@@ -224,26 +232,15 @@ def _render_count(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str,
 
 def _render_spatial(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, str]:
     canvas = np.zeros((size, size, 3), dtype=np.uint8)
-    first, second = (tuple(COLORS)[i] for i in _distinct(rng, len(COLORS), 2))
-    left_of = bool(rng.integers(2))  # else "above"
-    yes = bool(rng.integers(2))  # the answer is drawn first, so it is 50/50 for every question
-    lead, trail = (0, 1) if yes else (1, 0)
-    free = [int(i) for i in rng.integers(2, size=2)]  # the other coordinate of each shape: any
-    if left_of:  # different columns, any rows
-        cell_first, cell_second = 2 * free[0] + lead, 2 * free[1] + trail
-        template = _LEFT_TEMPLATE
-    else:  # different rows, any columns
-        cell_first, cell_second = 2 * lead + free[0], 2 * trail + free[1]
-        template = _ABOVE_TEMPLATE
-    _draw_random_shape(canvas, cell_first, rng, COLORS[first])
-    _draw_random_shape(canvas, cell_second, rng, COLORS[second])
-    return canvas, template.format(first=first, second=second), "yes" if yes else "no"
+    cell = int(rng.integers(4))
+    _draw_random_shape(canvas, cell, rng, COLORS[_random_color(rng)])
+    return canvas, _WHERE_QUESTION, POSITIONS[cell]
 
 
 def _render_read(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, str]:
     digit = int(rng.integers(10))
     mask = glyph(digit, int(rng.integers(N_VARIANTS)))  # (7, 5)
-    color = INK_COLORS[int(rng.integers(len(INK_COLORS)))]
+    color = _random_ink(rng)
     dy = int(rng.integers(READ_GRID - GLYPH_ROWS + 1))  # shift by whole bitmap pixels
     dx = int(rng.integers(READ_GRID - GLYPH_COLS + 1))
     grid = np.zeros((READ_GRID, READ_GRID), dtype=bool)

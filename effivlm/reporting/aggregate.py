@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from effivlm.io import write_text_atomic
 from effivlm.metrics import (
     loyalty,
     overall_generalization,
@@ -400,21 +399,6 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write text to a temporary file next to ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def aggregate(job_dirs: Sequence[Path], tables_dir: Path) -> dict[str, Path]:

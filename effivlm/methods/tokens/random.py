@@ -31,6 +31,8 @@ class RandomTokens(VisualTokenMethod):
     def reduce(self, ctx: SegmentContext) -> Reduction:
         n = ctx.features.shape[0]
         k = kept_count(self.budget, n)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.image_index * 1009 + ctx.segment_index)
+        generator = torch.Generator().manual_seed(
+            self.seed * 1_000_003 + ctx.image_index * 1009 + ctx.segment_index
+        )
         positions = random_keep(n, k, generator)
         return Reduction(positions=positions, features=ctx.features[positions.to(ctx.features.device)])

@@ -1,0 +1,21 @@
+# effivlm: the EffiVLM-Bench study as a Snakemake DAG.
+#   snakemake --cores 2                                   the embedded default (config.yaml), no weights needed
+#   snakemake --configfile configs/paper.yaml --profile slurm   the paper's grid on a GPU cluster
+# A --configfile replaces config.yaml instead of merging into it (see rules/common.smk).
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/backbones.smk"
+include: "rules/evaluate.smk"
+include: "rules/aggregate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

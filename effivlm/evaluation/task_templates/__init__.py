@@ -1,0 +1,1 @@
+"""Task YAML templates and the document functions of the effivlm synthetic tasks."""

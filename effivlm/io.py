@@ -1,0 +1,56 @@
+"""File helpers shared by every job: atomic writes and a job's log file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place.
+
+    A job killed mid-write leaves at most a hidden ``.name.*.tmp`` file, never a file that looks complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def log_to_file(path: str | Path | None, what: str = "job") -> Iterator[logging.Logger]:
+    """Send effivlm's log records (INFO and up) to ``path`` while the block runs; log any error that ends it."""
+    package = logging.getLogger("effivlm")
+    if path is None:
+        yield package
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    level = package.level
+    package.addHandler(handler)
+    if package.getEffectiveLevel() > logging.INFO:
+        package.setLevel(logging.INFO)
+    try:
+        yield package
+    except BaseException:
+        package.exception("%s failed", what)
+        raise
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+        handler.close()

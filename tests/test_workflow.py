@@ -1,0 +1,172 @@
+"""The Snakemake workflow: it plans every shipped config, lints clean, and runs end to end on configs/test.yaml."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS_COLUMNS = ["model", "method", "budget", "task", "score", "dense_score", "ratio", "loyalty", "n"]
+FIGURES = ["retained_vs_budget", "task_ratios"]
+
+
+def command(workdir: Path, *args: str) -> list[str]:
+    """The repository's workflow, run with its own working directory (its .snakemake/ stays out of the repo)."""
+    snakefile = str(REPO / "Snakefile")
+    return [sys.executable, "-m", "snakemake", "--snakefile", snakefile, "--directory", str(workdir), *args]
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(workdir, *args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> number of jobs."""
+    table = stdout.split("Job stats:", 1)[1]
+    return {m["rule"]: int(m["count"]) for m in re.finditer(r"^(?P<rule>\w+)\s+(?P<count>\d+)$", table, re.M)}
+
+
+DRY = ("--dry-run", "--cores", "2")
+PAPER = ("--configfile", str(REPO / "configs/paper.yaml"))
+PLANS = {
+    "default": DRY,
+    "test": (*DRY, "--configfile", str(REPO / "configs/test.yaml")),
+    "paper": (*DRY, *PAPER),
+    "bad": (*DRY, "--configfile", "../bad.yaml"),
+    "lint": ("--lint",),
+    "lint-paper": ("--lint", *PAPER),
+}
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every planning run at once: each one spends most of its time importing, so they overlap well."""
+    workdir = tmp_path_factory.mktemp("plans")
+    cfg = yaml.safe_load((REPO / "configs/test.yaml").read_text())
+    cfg["methods"]["randm"] = cfg["methods"].pop("random")
+    (workdir / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    procs = {}
+    for name, args in PLANS.items():
+        run_dir = workdir / f"plan-{name}"
+        run_dir.mkdir()
+        procs[name] = subprocess.Popen(
+            command(run_dir, *args),
+            cwd=run_dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+def counts_of(planned: dict[str, subprocess.CompletedProcess[str]], name: str) -> dict[str, int]:
+    result = planned[name]
+    assert result.returncode == 0, result.stderr + result.stdout
+    return job_counts(result.stdout)
+
+
+def test_default_config_plans_the_embedded_grid(planned) -> None:
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    n_variants = sum(len(m.get("budgets", [1.0])) for m in cfg["methods"].values())
+    counts = counts_of(planned, "default")
+    assert counts["synthetic_data"] == 1
+    assert counts["backbone"] == len(cfg["models"])
+    assert counts["evaluate"] == len(cfg["models"]) * len(cfg["tasks"]) * n_variants
+    assert counts["aggregate"] == counts["figure_retained"] == counts["figure_task_ratios"] == 1
+
+
+def test_test_config_plans(planned) -> None:
+    counts = counts_of(planned, "test")
+    assert counts["backbone"] == 2
+    assert counts["evaluate"] == 2 * 2 * (1 + 2)
+
+
+def test_paper_config_plans_the_full_grid_without_weights(planned) -> None:
+    counts = counts_of(planned, "paper")
+    assert counts["evaluate"] == 3 * 15 * (1 + 3)
+    assert "backbone" not in counts and "synthetic_data" not in counts
+
+
+def test_a_configfile_replaces_the_default_config(planned) -> None:
+    """Snakemake would merge --configfile into config.yaml's models; the workflow must not."""
+    result = planned["paper"]
+    assert "-tiny" not in result.stdout + result.stderr
+
+
+def test_a_bad_config_fails_before_any_job_with_one_line(planned) -> None:
+    result = planned["bad"]
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("config: ")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        "config: methods.randm.method: unknown method 'randm' (did you mean 'random'?); known: "
+    )
+    assert "Job stats" not in result.stdout
+
+
+@pytest.mark.parametrize("name", ["lint", "lint-paper"])
+def test_lint_is_clean(planned, name: str) -> None:
+    result = planned[name]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_whole_dag_on_the_test_config(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    result = snakemake(
+        tmp_path,
+        "--cores",
+        "2",
+        "--configfile",
+        str(REPO / "configs/test.yaml"),
+        "--config",
+        f"results={results}",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    metrics = pd.read_csv(results / "tables" / "metrics.csv")
+    missing = [c for c in METRICS_COLUMNS if c not in metrics.columns]
+    assert not missing, f"metrics.csv lacks {missing}; has {list(metrics.columns)}"
+    assert len(metrics) == 2 * 2 * (1 + 2)
+    dense = metrics[metrics["method"] == "dense"]
+    assert len(dense) == 2 * 2
+    assert (dense["loyalty"] == 1.0).all()
+    assert (dense["ratio"].dropna() == 1.0).all()
+    assert (metrics["n"] > 0).all() and (metrics["n"] <= 20).all()
+    for name in ("summary.csv", "summary.md"):
+        assert (results / "tables" / name).stat().st_size > 0
+    for name in FIGURES:
+        for ext in ("png", "svg"):
+            assert (results / "figures" / f"{name}.{ext}").stat().st_size > 0
+
+    # A second run finds nothing to do: every output is complete and no param drifts between runs.
+    test_cfg = ("--configfile", str(REPO / "configs/test.yaml"), "--config", f"results={results}")
+    again = snakemake(tmp_path, *DRY, *test_cfg)
+    assert again.returncode == 0, again.stderr
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # Changing one method's params reruns exactly that variant's jobs (and the tables and figures after them).
+    cfg = yaml.safe_load((REPO / "configs/test.yaml").read_text())
+    cfg["methods"]["random"]["params"]["seed"] = 1
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    rerun = snakemake(tmp_path, *DRY, "--configfile", str(changed), "--config", f"results={results}")
+    assert rerun.returncode == 0, rerun.stderr
+    counts = job_counts(rerun.stdout)
+    assert counts["evaluate"] == 2 * 2 * 2
+    assert "backbone" not in counts and "synthetic_data" not in counts
+    assert "/dense/" not in "".join(line for line in rerun.stdout.splitlines() if "output:" in line)
