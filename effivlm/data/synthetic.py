@@ -20,11 +20,10 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from effivlm.data.font import GLYPH_COLS, GLYPH_ROWS, N_VARIANTS, glyph
+from effivlm.io import write_text_atomic
 from effivlm.registry import closest_hint
 
 FORMAT = "effivlm-synthetic-v1"
@@ -317,21 +317,6 @@ def _rng_for(seed: int, task: str, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(task.encode()), zlib.crc32(split.encode())])
 
 
-def _write_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Write `lines` to `path` through `<name>.tmp` and a rename, so no partial file carries the name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -382,7 +367,7 @@ def write_split(
         }
         keys.append(key)
         lines.append(json.dumps(record, separators=(",", ":")) + "\n")
-    _write_atomic(Path(path), lines)
+    write_text_atomic(Path(path), lines)
     return keys
 
 
@@ -436,7 +421,7 @@ def write_suite(
         "zlib": zlib.ZLIB_RUNTIME_VERSION,  # the PNG bytes (so the digests) depend on it
         "files": files,
     }
-    _write_atomic(manifest_path, [json.dumps(manifest, indent=2, sort_keys=True) + "\n"])
+    write_text_atomic(manifest_path, [json.dumps(manifest, indent=2, sort_keys=True) + "\n"])
     return manifest
 
 
