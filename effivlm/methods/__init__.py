@@ -3,6 +3,7 @@
 from effivlm.methods import dense as _dense  # noqa: F401  (registers "dense")
 from effivlm.methods.base import Method, Reduction, SegmentContext, VisualTokenMethod, kept_count
 from effivlm.methods.registry import METHODS, available_methods, build_method, method_params, register_method
+from effivlm.methods.tokens import pooling as _pooling  # noqa: F401  (registers "pool")
 from effivlm.methods.tokens import random as _random  # noqa: F401  (registers "random")
 
 __all__ = [
