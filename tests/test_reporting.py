@@ -6,9 +6,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from effivlm.metrics import loyalty_replicates, overall_performance_interval, ratio_replicates
+from effivlm.metrics.stats import derive_seed
 from effivlm.reporting import (
     aggregate,
     build_metrics_table,
@@ -16,7 +19,9 @@ from effivlm.reporting import (
     load_job,
     plot_retained,
     plot_task_ratios,
+    summary_markdown,
 )
+from effivlm.reporting.aggregate import build_tables
 
 
 def write_job(
@@ -29,7 +34,9 @@ def write_job(
     predictions: list[str],
     *,
     visual_tokens: dict[str, int] | None = None,
+    scores: list[float] | None = None,
 ) -> Path:
+    """A job folder; per-sample scores default to the job score (so their mean is the job score)."""
     job = root / model / method / str(budget) / task
     job.mkdir(parents=True)
     metrics = {
@@ -50,7 +57,15 @@ def write_job(
         metrics["visual_tokens"] = visual_tokens
     (job / "metrics.json").write_text(json.dumps(metrics))
     lines = [
-        json.dumps({"doc_id": i, "target": "red", "prediction": p, "score": 1.0, "extra": [i]})
+        json.dumps(
+            {
+                "doc_id": i,
+                "target": "red",
+                "prediction": p,
+                "score": score if scores is None else scores[i],
+                "extra": [i],
+            }
+        )
         for i, p in enumerate(predictions)
     ]
     (job / "predictions.jsonl").write_text("\n".join(lines) + "\n")
@@ -229,7 +244,8 @@ def test_aggregate_writes_tables_atomically_and_deterministically(jobs: list[Pat
     assert len(metrics) == 12
     md = paths["summary_md"].read_text()
     assert md.startswith("| model | method | budget |")
-    assert f"| m1 | random | 0.100 | 2 | 0.450 | {math.sqrt(0.625):.3f} |" in md
+    op = f"{math.sqrt(0.625):.3f}"
+    assert f"| m1 | random | 0.100 | 2 | 0.450 | {op} [{op}, {op}] |" in md
     assert md.strip().splitlines()[-1].startswith("| overall | random | 0.400 |")
 
 
@@ -249,3 +265,99 @@ def test_figures_are_written_and_deterministic(jobs: list[Path], tmp_path: Path)
 def test_figures_refuse_a_missing_csv(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="metrics.csv: missing"):
         plot_retained(tmp_path / "metrics.csv", tmp_path / "a.png", tmp_path / "a.svg")
+
+
+def test_intervals_and_flips_in_the_metrics_table(jobs: list[Path]) -> None:
+    table = build_metrics_table(jobs)
+    assert {"ratio_lo", "ratio_hi", "loyalty_lo", "loyalty_hi", "flips_lost", "flips_gained"} <= set(table)
+    dense = table.query("method == 'dense'")
+    assert (dense["ratio_lo"] == 1.0).all() and (dense["ratio_hi"] == 1.0).all()
+    assert (dense["loyalty_lo"] == 1.0).all() and (dense["loyalty_hi"] == 1.0).all()
+    assert (dense["flips_lost"] == 0).all() and (dense["flips_gained"] == 0).all()
+    # per-sample scores are the job score: 0.4 (wrong) against dense 0.8 (right) on all 4 samples
+    r = row(table, model="m1", method="random", budget=0.1, task="t1")
+    assert r["ratio_lo"] == pytest.approx(0.5) and r["ratio_hi"] == pytest.approx(0.5)
+    assert r["flips_lost"] == 4 and r["flips_gained"] == 0 and r["note"] == ""
+    assert 0 <= r["loyalty_lo"] <= 0.75 <= r["loyalty_hi"] <= 1
+
+
+def test_binary_scores_give_hand_counted_flips_and_paired_intervals(tmp_path: Path) -> None:
+    dense_scores = [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    comp_scores = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    preds = [f"a{i}" for i in range(8)]
+    comp_preds = [p if s == d else "other" for p, s, d in zip(preds, comp_scores, dense_scores, strict=True)]
+    jobs = [
+        write_job(tmp_path, "m", "dense", 1.0, "t", 0.75, preds, scores=dense_scores),
+        write_job(tmp_path, "m", "h2o", 0.1, "t", 0.625, comp_preds, scores=comp_scores),
+        write_job(tmp_path, "m", "dense", 1.0, "u", 1.0, ["x", "y"], scores=[1.0, 1.0]),
+        write_job(tmp_path, "m", "h2o", 0.1, "u", 0.5, ["x", "y"], scores=[1.0, 0.0]),
+    ]
+    metrics, summary = build_tables(jobs, n_boot=400)
+    r = row(metrics, method="h2o", task="t")
+    assert (r["flips_lost"], r["flips_gained"]) == (2, 1)
+    assert r["loyalty"] == 5 / 8 and r["ratio"] == pytest.approx(0.625 / 0.75)
+    assert r["ratio_lo"] < r["ratio"] < r["ratio_hi"]
+    assert r["loyalty_lo"] < r["loyalty"] < r["loyalty_hi"]
+
+    # OP interval: the tasks' replicates (each task with its own derived seed) recombined per replicate
+    reps = np.column_stack(
+        [
+            ratio_replicates(np.array(comp_scores), np.array(dense_scores), 400, derive_seed(0, "t")),
+            ratio_replicates(np.array([1.0, 0.0]), np.array([1.0, 1.0]), 400, derive_seed(0, "u")),
+        ]
+    )
+    s = row(summary, model="m", method="h2o")
+    assert not np.isnan(reps).any()
+    assert (s["OP_lo"], s["OP_hi"]) == pytest.approx(overall_performance_interval(reps))
+    assert s["OP_lo"] < s["OP"] < s["OP_hi"]
+    agree = np.array(comp_preds) == np.array(preds)
+    ol_reps = loyalty_replicates(agree, 400, derive_seed(0, "t"))  # task u: identical answers
+    assert s["OL_lo"] <= s["OL"] <= s["OL_hi"] and s["OL_hi"] <= 100
+    assert s["OL_lo"] == pytest.approx(np.percentile(100 * (ol_reps + 1.0) / 2, 2.5))
+    overall = row(summary, model="overall", method="h2o")
+    assert (overall["OL_lo"], overall["OL_hi"]) == (s["OL_lo"], s["OL_hi"])  # one model: same replicates
+    d = row(summary, model="overall", method="dense")
+    assert (d["OP_lo"], d["OP_hi"], d["OL_lo"], d["OL_hi"]) == (1.0, 1.0, 100.0, 100.0)
+
+
+def test_missing_sample_scores_leave_ratio_interval_and_flips_undefined(tmp_path: Path) -> None:
+    dense = write_job(tmp_path, "m", "dense", 1.0, "t", 1.0, ["a", "b", "c"])
+    comp = write_job(tmp_path, "m", "fastv", 0.1, "t", 0.5, ["a", "b", "x"])
+    lines = [json.dumps({"doc_id": i, "prediction": p}) for i, p in enumerate(["a", "b", "x"])]
+    (comp / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    r = row(build_metrics_table([dense, comp]), method="fastv")
+    assert math.isnan(r["ratio_lo"]) and math.isnan(r["ratio_hi"])
+    assert pd.isna(r["flips_lost"]) and pd.isna(r["flips_gained"])
+    assert r["loyalty_lo"] <= 2 / 3 <= r["loyalty_hi"] and "per-sample scores missing" in r["note"]
+
+
+def test_score_not_a_sample_mean_is_noted(tmp_path: Path) -> None:
+    dense = write_job(tmp_path, "m", "dense", 1.0, "t", 1500.0, ["a", "b"], scores=[1.0, 1.0])
+    comp = write_job(tmp_path, "m", "fastv", 0.1, "t", 750.0, ["a", "x"], scores=[1.0, 0.0])
+    r = row(build_metrics_table([dense, comp]), method="fastv")
+    assert r["ratio"] == 0.5 and "not their mean" not in r["note"]
+    comp2 = write_job(tmp_path / "b", "m", "fastv", 0.1, "t", 300.0, ["a", "x"], scores=[1.0, 0.0])
+    r = row(build_metrics_table([dense, comp2]), method="fastv")
+    assert "not their mean" in r["note"]
+
+
+def test_summary_without_replicates_has_nan_intervals(jobs: list[Path]) -> None:
+    summary = build_summary_table(build_metrics_table(jobs))
+    assert summary[["OP_lo", "OP_hi", "OL_lo", "OL_hi"]].isna().all().all()
+    md = summary_markdown(summary)
+    assert "| 1.000 [n/a] |" in md
+    plain = summary_markdown(summary.drop(columns=["OP_lo", "OP_hi", "OL_lo", "OL_hi"]))
+    assert "[" not in plain
+
+
+def test_summary_csv_and_md_carry_intervals(jobs: list[Path], tmp_path: Path) -> None:
+    paths = aggregate(jobs, tmp_path / "tables")
+    summary = pd.read_csv(paths["summary"])
+    assert {"OP_lo", "OP_hi", "OL_lo", "OL_hi"} <= set(summary.columns)
+    overall = row(summary, model="overall", method="random", budget=0.1)
+    assert overall["OP_lo"] <= overall["OP"] <= overall["OP_hi"]
+    assert overall["OL_lo"] <= overall["OL"] <= overall["OL_hi"] <= 100
+    md = paths["summary_md"].read_text()
+    assert "| 100.000 [100.000, 100.000] |" in md
+    metrics = pd.read_csv(paths["metrics"])
+    assert {"ratio_lo", "ratio_hi", "loyalty_lo", "loyalty_hi", "flips_lost", "flips_gained"} <= set(metrics)

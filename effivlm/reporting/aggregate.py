@@ -4,6 +4,12 @@ A job is one (model, method variant, budget, task) evaluation. The dense job of 
 budget 1.0) is the reference of every other job of that model on the same task: the retained ratio is
 score / dense score and loyalty compares predictions doc by doc.
 
+Each row also gets a paired bootstrap 95% interval (``effivlm.metrics.stats``): the samples of a task are
+resampled with one index matrix per task (seeded from the fixed seed and the task name, so every model and
+method of a task resamples the same documents), the ratio of per-sample score means and the loyalty are
+recomputed per replicate, and OP / OL are recomputed per replicate from those. Dense rows are exactly [1, 1].
+Flip counts (dense right and compressed wrong, and the reverse) use "right" = per-sample score >= 0.5.
+
 Only ``load_job``, ``aggregate`` and the private writers touch the file system; the table builders are pure.
 """
 
@@ -16,16 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from effivlm.io import write_text_atomic
 from effivlm.metrics import (
+    flip_counts,
+    is_right,
     loyalty,
+    loyalty_replicates,
+    normalise_prediction,
     overall_generalization,
     overall_loyalty,
+    overall_loyalty_interval,
     overall_performance,
+    overall_performance_interval,
+    ratio_replicates,
     retained_ratio,
 )
+from effivlm.metrics.stats import ALPHA, N_BOOT, SEED, derive_seed, percentile_interval
 
 DENSE_METHOD = "dense"
 DENSE_BUDGET = 1.0
@@ -36,6 +51,10 @@ PREDICTIONS_FILE = "predictions.jsonl"
 _REQUIRED_METRICS = ("model", "method", "budget", "task", "score")
 _REQUIRED_PREDICTION = ("doc_id", "prediction")
 _KEY = ["model", "method", "budget", "task"]
+
+Key = tuple[str, str, float, str]
+# Per job: the bootstrap replicates of its ratio and of its loyalty (share), each of shape (n_boot,).
+Replicates = dict[Key, tuple[np.ndarray, np.ndarray]]
 
 METRICS_COLUMNS = [
     "model",
@@ -49,7 +68,13 @@ METRICS_COLUMNS = [
     "score",
     "dense_score",
     "ratio",
+    "ratio_lo",
+    "ratio_hi",
     "loyalty",
+    "loyalty_lo",
+    "loyalty_hi",
+    "flips_lost",
+    "flips_gained",
     "n",
     "visual_kept_share",
     "note",
@@ -68,8 +93,12 @@ SUMMARY_COLUMNS = [
     "n_ratio_undefined",
     "mean_score",
     "OP",
+    "OP_lo",
+    "OP_hi",
     "OG",
     "OL",
+    "OL_lo",
+    "OL_hi",
     "visual_kept_share",
     "note",
 ]
@@ -214,16 +243,75 @@ def _predictions_by_doc(job: Job) -> dict[Any, str]:
     return dict(zip(job.predictions["doc_id"], job.predictions["prediction"].map(_as_text), strict=True))
 
 
-def build_metrics_table(jobs: Iterable[Job | Path | str]) -> pd.DataFrame:
-    """One row per (model, method, budget, task), with the ratio and loyalty against the model's dense job.
+def _as_score(value: Any) -> float:
+    """A per-sample score as a float; NaN when absent or not a number (e.g. a judge's dict)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float | np.integer | np.floating):
+        return float(value)
+    return math.nan
 
-    Raises ValueError for duplicate jobs, a dense job whose budget is not 1.0, or a (model, task) without
-    a dense job (naming the model, the task and the folder where it was expected).
+
+@dataclass(frozen=True)
+class _Samples:
+    """One job's samples in its task's canonical doc order: scores (NaN when missing) and normalised answers."""
+
+    scores: np.ndarray  # (n,) float
+    answers: np.ndarray  # (n,) object: normalised predictions
+
+    @property
+    def right(self) -> np.ndarray | None:
+        """Per-sample correctness (score >= 0.5), or None when the scores are not all in [0, 1]."""
+        try:
+            return is_right(self.scores)
+        except ValueError:
+            return None
+
+
+def _doc_order(ref: Job) -> list[Any]:
+    """The canonical order of a (model, task)'s samples: the dense job's doc ids sorted by their repr.
+
+    Sorting (rather than file order) makes the bootstrap draws independent of how a log happens to be
+    ordered, and lets every model of a task resample the same documents.
     """
+    return sorted(ref.predictions["doc_id"], key=repr)
+
+
+def _samples(job: Job, order: list[Any]) -> _Samples:
+    preds = job.predictions
+    position = {doc: i for i, doc in enumerate(preds["doc_id"])}
+    rows = [position[doc] for doc in order]
+    raw_scores = preds["score"].tolist() if "score" in preds else [None] * len(preds)
+    texts = preds["prediction"].tolist()
+    return _Samples(
+        scores=np.array([_as_score(raw_scores[i]) for i in rows], dtype=float),
+        answers=np.array([normalise_prediction(_as_text(texts[i])) for i in rows], dtype=object),
+    )
+
+
+def _interval_note(samples: _Samples, ref_samples: _Samples, ratio: float) -> str:
+    """Why the ratio interval may not bracket the ratio: missing per-sample scores, or a non-mean score."""
+    if np.isnan(samples.scores).any() or np.isnan(ref_samples.scores).any():
+        return "ratio interval undefined: per-sample scores missing or not numbers"
+    dense_mean = float(ref_samples.scores.mean())
+    if dense_mean == 0:
+        return ""
+    sample_ratio = float(samples.scores.mean()) / dense_mean
+    if not math.isclose(sample_ratio, ratio, rel_tol=1e-6, abs_tol=1e-9):
+        return (
+            f"ratio interval from per-sample score means (ratio {sample_ratio:.4g}); "
+            "the job score is not their mean"
+        )
+    return ""
+
+
+def _metrics_and_replicates(
+    jobs: Iterable[Job | Path | str], n_boot: int, seed: int, alpha: float
+) -> tuple[pd.DataFrame, Replicates]:
     loaded = [_as_job(j) for j in jobs]
     if not loaded:
         raise ValueError("no jobs given: nothing to aggregate")
-    by_key: dict[tuple[str, str, float, str], Job] = {}
+    by_key: dict[Key, Job] = {}
     for job in loaded:
         if job.key in by_key:
             raise ValueError(f"duplicate job {job.key}: {by_key[job.key].where} and {job.where}")
@@ -237,6 +325,9 @@ def build_metrics_table(jobs: Iterable[Job | Path | str]) -> pd.DataFrame:
                 )
             dense[(job.key[0], job.key[3])] = job
 
+    reference: dict[tuple[str, str], tuple[list[Any], _Samples]] = {}
+    replicates: Replicates = {}
+    ones = np.ones(n_boot)
     rows = []
     for job in loaded:
         m = job.metrics
@@ -247,18 +338,43 @@ def build_metrics_table(jobs: Iterable[Job | Path | str]) -> pd.DataFrame:
                 f"no dense job for model '{model}' and task '{task}' (needed by {job.where}); expected a job "
                 f"with method '{DENSE_METHOD}' and budget {DENSE_BUDGET} at {_expected_dense_dir(job)}"
             )
+        if (model, task) not in reference:
+            order = _doc_order(ref)
+            reference[(model, task)] = (order, _samples(ref, order))
+        order, ref_samples = reference[(model, task)]
+        task_seed = derive_seed(seed, task)
         score, dense_score = float(m["score"]), float(ref.metrics["score"])
-        note = ""
+        notes = []
         if ref is job:
             ratio, loyal = (math.nan, 1.0) if dense_score == 0 else (1.0, 1.0)
+            ratio_reps = ones * ratio
+            loyalty_reps = ones
+            lost, gained = 0, 0
         else:
             ratio = retained_ratio(score, dense_score)
-            try:
-                loyal = loyalty(_predictions_by_doc(job), _predictions_by_doc(ref))
-            except ValueError as err:
-                raise ValueError(f"{job.where} against dense {ref.where}: {err}") from None
+            if not order or set(job.predictions["doc_id"]) != set(order):
+                try:  # loyalty() names the doc ids present on one side only, or says there are none
+                    loyalty(_predictions_by_doc(job), _predictions_by_doc(ref))
+                except ValueError as err:
+                    raise ValueError(f"{job.where} against dense {ref.where}: {err}") from None
+            samples = _samples(job, order)
+            agree = samples.answers == ref_samples.answers  # (n,) bool
+            loyal = float(agree.mean())
+            ratio_reps = ratio_replicates(samples.scores, ref_samples.scores, n_boot, task_seed)
+            if math.isnan(ratio):
+                ratio_reps = ones * math.nan
+            loyalty_reps = loyalty_replicates(agree, n_boot, task_seed)
+            right, ref_right = samples.right, ref_samples.right
+            lost, gained = (
+                flip_counts(right, ref_right) if right is not None and ref_right is not None else (None, None)
+            )
+            if not math.isnan(ratio):
+                notes.append(_interval_note(samples, ref_samples, ratio))
         if math.isnan(ratio):
-            note = f"ratio undefined: dense score is {dense_score}"
+            notes.insert(0, f"ratio undefined: dense score is {dense_score}")
+        replicates[job.key] = (ratio_reps, loyalty_reps)
+        ratio_lo, ratio_hi = percentile_interval(ratio_reps, alpha)
+        loyalty_lo, loyalty_hi = percentile_interval(loyalty_reps, alpha)
         rows.append(
             {
                 "model": model,
@@ -272,23 +388,77 @@ def build_metrics_table(jobs: Iterable[Job | Path | str]) -> pd.DataFrame:
                 "score": score,
                 "dense_score": dense_score,
                 "ratio": ratio,
+                "ratio_lo": ratio_lo,
+                "ratio_hi": ratio_hi,
                 "loyalty": loyal,
+                "loyalty_lo": loyalty_lo,
+                "loyalty_hi": loyalty_hi,
+                "flips_lost": lost,
+                "flips_gained": gained,
                 "n": int(m.get("n", len(job.predictions))),
                 "visual_kept_share": _visual_kept_share(m),
-                "note": note,
+                "note": "; ".join(n for n in notes if n),
                 "code_version": str(m.get("code_version", "")),
                 "effivlm_version": str(m.get("effivlm_version", "")),
                 "job_dir": str(job.path) if job.path is not None else "",
             }
         )
     table = pd.DataFrame(rows, columns=METRICS_COLUMNS)
-    return table.sort_values(_KEY, kind="mergesort").reset_index(drop=True)
+    table = table.astype({"flips_lost": "Int64", "flips_gained": "Int64"})
+    return table.sort_values(_KEY, kind="mergesort").reset_index(drop=True), replicates
+
+
+def build_metrics_table(
+    jobs: Iterable[Job | Path | str], *, n_boot: int = N_BOOT, seed: int = SEED, alpha: float = ALPHA
+) -> pd.DataFrame:
+    """One row per (model, method, budget, task), with the ratio and loyalty against the model's dense job.
+
+    Also the paired bootstrap interval (level 1 - alpha) of the ratio and of the loyalty, and the flip counts
+    (``flips_lost``: dense right, compressed wrong; ``flips_gained``: the reverse; empty when the per-sample
+    scores are not all in [0, 1]). The ratio interval resamples per-sample score means; it is NaN when the
+    ratio is undefined, when per-sample scores are missing, or when a resample's dense mean is 0.
+
+    Raises ValueError for duplicate jobs, a dense job whose budget is not 1.0, or a (model, task) without
+    a dense job (naming the model, the task and the folder where it was expected).
+    """
+    return _metrics_and_replicates(jobs, n_boot, seed, alpha)[0]
+
+
+def build_tables(
+    jobs: Iterable[Job | Path | str], *, n_boot: int = N_BOOT, seed: int = SEED, alpha: float = ALPHA
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(metrics, summary) with bootstrap intervals on both; the summary's OP/OL intervals need the replicates."""
+    metrics, replicates = _metrics_and_replicates(jobs, n_boot, seed, alpha)
+    return metrics, build_summary_table(metrics, replicates, alpha=alpha)
 
 
 # ----------------------------------------------------------------------------------------- summary table
 
 
-def _summarise(group: pd.DataFrame) -> dict[str, Any]:
+_NAN_INTERVAL = (math.nan, math.nan)
+
+
+def _intervals(group: pd.DataFrame, replicates: Replicates | None, alpha: float) -> dict[str, float]:
+    """OP and OL intervals of a group of jobs: each job's replicates recombined replicate by replicate.
+
+    OP uses the jobs whose ratio is defined (as OP does); NaN intervals when replicates are not given or a
+    job of the group has none.
+    """
+    keys = list(group[_KEY].itertuples(index=False, name=None))
+    if replicates is None or any(k not in replicates for k in keys):
+        op, ol = _NAN_INTERVAL, _NAN_INTERVAL
+    else:
+        defined = [k for k, r in zip(keys, group["ratio"].notna(), strict=True) if r]
+        op = (
+            overall_performance_interval(np.column_stack([replicates[k][0] for k in defined]), alpha)
+            if defined
+            else _NAN_INTERVAL
+        )
+        ol = overall_loyalty_interval(np.column_stack([replicates[k][1] for k in keys]), alpha)
+    return {"OP_lo": op[0], "OP_hi": op[1], "OL_lo": ol[0], "OL_hi": ol[1]}
+
+
+def _summarise(group: pd.DataFrame, replicates: Replicates | None, alpha: float) -> dict[str, Any]:
     undefined = group.loc[group["ratio"].isna(), ["model", "task"]]
     og = overall_generalization(group[["task", "model", "ratio"]])
     notes = []
@@ -308,6 +478,7 @@ def _summarise(group: pd.DataFrame) -> dict[str, Any]:
         "OL": overall_loyalty(group["loyalty"]),
         "visual_kept_share": float(share.mean()) if len(share) else math.nan,
         "note": "; ".join(notes),
+        **_intervals(group, replicates, alpha),
     }
 
 
@@ -317,12 +488,17 @@ def _sort_summary(df: pd.DataFrame) -> pd.DataFrame:
     return order.drop(columns="_overall").reset_index(drop=True)
 
 
-def build_summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
+def build_summary_table(
+    metrics: pd.DataFrame, replicates: Replicates | None = None, *, alpha: float = ALPHA
+) -> pd.DataFrame:
     """One row per (model, method, budget) plus model="overall" rows per (method, budget).
 
     Per model: mean score, OP (RMS of the per-task ratios), OG, OL (mean loyalty, %), number of tasks.
     Overall, as the paper aggregates: OP over all (model, task) ratios, OG across tasks of the
     model-averaged ratio, OL averaged over tasks and models. "overall" rows come last.
+
+    ``OP_lo/OP_hi`` and ``OL_lo/OL_hi`` (%) are bootstrap intervals recomputed from each job's replicates
+    (from ``build_tables``); without ``replicates`` (e.g. from a metrics.csv alone) they are NaN.
     """
     missing = [
         c for c in ("model", "method", "budget", "task", "score", "ratio", "loyalty") if c not in metrics
@@ -347,7 +523,7 @@ def build_summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
                 "method": method,
                 "method_name": str(group["method_name"].iloc[0]),
                 "budget": float(budget),
-                **_summarise(group),
+                **_summarise(group, replicates, alpha),
             }
         )
     for (method, budget), group in metrics.groupby(["method", "budget"], sort=True):
@@ -358,14 +534,18 @@ def build_summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
                 "method": method,
                 "method_name": str(group["method_name"].iloc[0]),
                 "budget": float(budget),
-                **_summarise(group),
+                **_summarise(group, replicates, alpha),
             }
         )
     return _sort_summary(pd.DataFrame(rows, columns=SUMMARY_COLUMNS))
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:
-    """The summary as a Markdown table, numbers to 3 decimals (NaN shown as n/a)."""
+    """The summary as a Markdown table, numbers to 3 decimals (NaN shown as n/a).
+
+    OP and OL carry their interval, ``0.873 [0.851, 0.894]`` (``[n/a]`` when it is undefined), when the
+    summary has the interval columns.
+    """
     columns = [
         ("model", "model"),
         ("method", "method"),
@@ -394,7 +574,13 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     for rec in _sort_summary(summary).to_dict("records"):
         values = [rec[c] for c, _ in columns]
         values = [int(v) if c in ("n_tasks",) else v for v, (c, _) in zip(values, columns, strict=True)]
-        lines.append("| " + " | ".join(cell(v) for v in values) + " |")
+        cells = [cell(v) for v in values]
+        for i, (c, _) in enumerate(columns):
+            if c in ("OP", "OL") and f"{c}_lo" in rec:
+                lo, hi = float(rec[f"{c}_lo"]), float(rec[f"{c}_hi"])
+                bounds = "n/a" if math.isnan(lo) or math.isnan(hi) else f"{lo:.3f}, {hi:.3f}"
+                cells[i] += f" [{bounds}]"
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -406,8 +592,7 @@ def aggregate(job_dirs: Sequence[Path], tables_dir: Path) -> dict[str, Path]:
 
     Returns {"metrics": ..., "summary": ..., "summary_md": ...}.
     """
-    metrics = build_metrics_table([Path(d) for d in job_dirs])
-    summary = build_summary_table(metrics)
+    metrics, summary = build_tables([Path(d) for d in job_dirs])
     tables_dir = Path(tables_dir)
     return {
         "metrics": write_text_atomic(
