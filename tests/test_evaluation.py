@@ -126,7 +126,7 @@ def test_synthetic_task_scores_and_writes_outputs(tmp_path, fake_pipeline):
     # The model is built once from the job's spec and fed batches of at most batch_size.
     (spec,) = fake_pipeline.specs
     assert spec["method"] == "fastv" and spec["method_params"] == {"k": 2} and spec["budget"] == 0.25
-    assert spec["family"] == "qwen2_vl" and "revision" not in spec
+    assert spec["family"] == "qwen2_vl" and spec["revision"] is None
     assert fake_pipeline.batches == [4, 2]
     assert not [p for p in out.iterdir() if p.name not in (METRICS, PREDICTIONS)]
 

@@ -143,8 +143,6 @@ class EffiVLM(lmms):
 
         from effivlm.pipeline import Pipeline
 
-        # revision (a hub commit) is passed only when set, so pipelines without the argument keep working.
-        extra = {} if revision in (None, "") else {"revision": str(revision)}
         self.pipeline = Pipeline.from_spec(
             model_path=str(model_path),
             family=str(family),
@@ -155,7 +153,7 @@ class EffiVLM(lmms):
             device=str(device or "cpu"),
             attn_implementation=str(attn_implementation),
             seed=int(seed),
-            **extra,
+            revision=str(revision) if revision else None,
         )
 
     def describe(self) -> dict:
