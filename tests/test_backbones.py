@@ -63,9 +63,7 @@ def test_engine_prefill_matches_native_forward(backbone, images):
     """The engine's own composition (embed, scatter, positions, LM) equals the model's forward."""
     pipe = Pipeline(backbone, build_method("dense"))
     inputs = pipe.encode(_prompts(images))
-    native_inputs = {k: v for k, v in inputs.items() if k != "batch_num_images"}
-    if backbone.adapter.family == "llava_onevision":
-        native_inputs["batch_num_images"] = inputs["batch_num_images"]
+    native_inputs = backbone.adapter.forward_inputs(inputs)
     with torch.inference_mode():
         native = backbone.model(**native_inputs).logits[:, -1]
         pre = pipe.prefill_inputs(inputs)
@@ -81,9 +79,7 @@ def test_greedy_decoding_matches_transformers_generate(backbone, images):
     pipe = Pipeline(backbone, build_method("dense"))
     prompts = _prompts(images, 1)
     inputs = pipe.encode(prompts)
-    native_inputs = {k: v for k, v in inputs.items() if k != "batch_num_images"}
-    if backbone.adapter.family == "llava_onevision":
-        native_inputs["batch_num_images"] = inputs["batch_num_images"]
+    native_inputs = backbone.adapter.forward_inputs(inputs)
     eos = backbone.processor.tokenizer.eos_token_id
     with torch.inference_mode():
         ref = backbone.model.generate(**native_inputs, max_new_tokens=6, do_sample=False, eos_token_id=eos)

@@ -109,8 +109,14 @@ class FamilyAdapter(ABC):
         return model.config.text_config
 
     # ----------------------------------------------------------------- inputs
-    def processor_call_kwargs(self) -> dict[str, Any]:
-        return {}
+    #: whether the model's own forward takes ``batch_num_images`` (images per prompt), which the engine always adds
+    forward_takes_batch_num_images: ClassVar[bool] = False
+
+    def forward_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The engine's encoded inputs as the model's own ``forward``/``generate`` takes them."""
+        if self.forward_takes_batch_num_images:
+            return dict(inputs)
+        return {k: v for k, v in inputs.items() if k != "batch_num_images"}
 
     @abstractmethod
     def image_features(self, model: PreTrainedModel, inputs: dict[str, Any]) -> list[torch.Tensor]:

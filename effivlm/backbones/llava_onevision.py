@@ -24,6 +24,8 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     image_processor_class = LlavaOnevisionImageProcessor
     image_placeholder = "<image>\n"
     special_tokens = {"image_token": "<image>", "video_token": "<video>"}
+    # AnyRes crops only single-image prompts; the forward needs the images per prompt to tell
+    forward_takes_batch_num_images = True
 
     def vision_tower(self, model):
         return model.model.vision_tower

@@ -112,11 +112,6 @@ def encode_batch(processor, records: list[dict]) -> tuple[dict[str, torch.Tensor
     return inputs, target
 
 
-def _model_inputs(adapter: FamilyAdapter, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # the native forward of the families without multi-image AnyRes does not take batch_num_images
-    return {k: v for k, v in inputs.items() if k != "batch_num_images" or adapter.family == "llava_onevision"}
-
-
 # ---------------------------------------------------------------------------- training
 def _lr_at(step: int, spec: TrainSpec) -> float:
     if step < spec.warmup:
@@ -142,7 +137,7 @@ def train_model(
         batch = [records[i] for i in order[cursor : cursor + spec.batch_size]]
         cursor += spec.batch_size
         inputs, target = encode_batch(processor, batch)
-        logits = model(**_model_inputs(adapter, inputs)).logits  # (B, L, V)
+        logits = model(**adapter.forward_inputs(inputs)).logits  # (B, L, V)
         # position t predicts token t + 1
         loss = F.cross_entropy(logits[:, :-1][target[:, 1:]], inputs["input_ids"][:, 1:][target[:, 1:]])
         for group in optimizer.param_groups:
