@@ -8,14 +8,18 @@ Dense runs the very same path with nothing removed, so a method at budget 1.0 re
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from effivlm.attention import head_mean_keys, probe_attention, received_attention
 from effivlm.backbones.loading import Backbone, load_backbone
+from effivlm.layer_pruning import LayerPruning, SegmentSlots, repack_left
 from effivlm.methods import Method, SegmentContext, VisualTokenMethod, build_method
+from effivlm.methods.base import LayerTokenMethod
 
 
 @dataclass(frozen=True)
@@ -38,20 +42,16 @@ class Prefill:
     attention_mask: torch.Tensor  # (B, L')
     position_ids: torch.Tensor  # (B, L') or (3, B, L')
     stats: list[dict[str, Any]]
-
-
-def repack_left(rows: list[torch.Tensor], pad_value: float | int) -> torch.Tensor:
-    """Stack per-sample tensors of shape (L_b, ...) into (B, max L_b, ...), padding on the left."""
-    length = max(r.shape[0] for r in rows)
-    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), pad_value)
-    for b, r in enumerate(rows):
-        out[b, length - r.shape[0] :] = r
-    return out
+    segments: list[
+        list[SegmentSlots]
+    ]  # per sample: its image segments' kept visual tokens, in (B, L') coordinates
 
 
 class Pipeline:
     def __init__(self, backbone: Backbone, method: Method, seed: int = 0) -> None:
         method.check_family(backbone.adapter.family)
+        if isinstance(method, LayerTokenMethod):
+            method.check_depth(len(backbone.adapter.decoder_layers(backbone.model)))
         self.backbone = backbone
         self.method = method
         self.seed = seed
@@ -124,8 +124,9 @@ class Pipeline:
         keep = attention_mask.bool().clone()  # (B, L)
         n_images = inputs["batch_num_images"].tolist()
         stats: list[dict[str, Any]] = [{"visual_tokens": [], "visual_kept": []} for _ in n_images]
+        kept_slots: list[list[tuple[int, torch.Tensor]]] = [[] for _ in n_images]  # (image, slots) in (B, L)
         if sum(n_images):
-            features = adapter.image_features(model, inputs)
+            features, signals = self._image_features(inputs)
             is_image = input_ids == adapter.image_token_id(model)  # (B, L)
             image_index = 0
             for b, count in enumerate(n_images):
@@ -134,11 +135,13 @@ class Pipeline:
                 for i in range(count):
                     feats = features[image_index].to(embeds.dtype)  # (N_i, D)
                     image_slots = slots[offset : offset + feats.shape[0]]
-                    kept = self._reduce_image(
-                        model, inputs, b, i, image_index, feats, image_slots, embeds, keep
-                    )
+                    image_signals = signals[image_index] if signals is not None else None
+                    for seg_slots in self._reduce_image(
+                        inputs, b, i, image_index, feats, image_signals, image_slots, embeds, keep
+                    ):
+                        kept_slots[b].append((i, seg_slots))
                     stats[b]["visual_tokens"].append(int(feats.shape[0]))
-                    stats[b]["visual_kept"].append(kept)
+                    stats[b]["visual_kept"].append(sum(int(s.numel()) for j, s in kept_slots[b] if j == i))
                     offset += feats.shape[0]
                     image_index += 1
                 if offset != slots.numel():
@@ -157,29 +160,61 @@ class Pipeline:
             )
         else:
             new_positions = repack_left([positions[b, r] for b, r in enumerate(rows)], 1)
+        segments: list[list[SegmentSlots]] = []
         for b, r in enumerate(rows):
             stats[b]["prompt_tokens"] = int(attention_mask[b].sum())
             stats[b]["prefill_tokens"] = int(r.numel())
-        return Prefill(new_embeds, new_mask, new_positions, stats)
+            # where each kept original slot lands after left repacking
+            moved = torch.full((keep.shape[1],), -1, dtype=torch.long, device=r.device)
+            moved[r] = torch.arange(r.numel(), device=r.device) + (new_mask.shape[1] - r.numel())
+            segments.append([SegmentSlots(i, moved[s]) for i, s in kept_slots[b]])
+        return Prefill(new_embeds, new_mask, new_positions, stats, segments)
 
-    def _reduce_image(self, model, inputs, b, i, image_index, feats, image_slots, embeds, keep) -> int:
-        """Write image ``i`` of sample ``b`` into ``embeds``; mark dropped slots in ``keep``. Returns tokens kept."""
+    def _image_features(self, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Every image's visual tokens, and, for methods that need them, their vision-attention signals (N_i, C):
+        channel 0 the attention received in the vision feature layer, the rest the head-averaged keys."""
+        model, adapter = self.backbone.model, self.backbone.adapter
+        if not getattr(self.method, "needs_vision_attention", False):
+            return adapter.image_features(model, inputs), None
+        recorded: list[torch.Tensor] = []
+        queries = "first" if adapter.vision_cls_token else "all"
+
+        def record(module, query, key, attention_mask, kwargs) -> None:
+            attention = received_attention(query, key, queries=queries, scaling=kwargs.get("scaling"))
+            recorded.append(torch.cat([attention[..., None], head_mean_keys(key)], dim=-1))  # (n, P, 1 + d)
+
+        with probe_attention([adapter.vision_attention(model)], record):
+            features = adapter.image_features(model, inputs)
+        return features, adapter.vision_token_signals(model, inputs, recorded)
+
+    def _reduce_image(
+        self, inputs, b, i, image_index, feats, signals, image_slots, embeds, keep
+    ) -> list[torch.Tensor]:
+        """Write image ``i`` of sample ``b`` into ``embeds``; mark dropped slots in ``keep``. Returns the slots
+        of each segment's kept tokens."""
+        model = self.backbone.model
+        segments = self.backbone.adapter.image_segments(model, inputs, image_index, feats.shape[0])
         if not isinstance(self.method, VisualTokenMethod):
             embeds[b, image_slots] = feats
-            return int(feats.shape[0])
-        kept = 0
+            return [image_slots[seg.start : seg.start + seg.length] for seg in segments]
+        kept = []
         keep[b, image_slots] = False
-        segments = self.backbone.adapter.image_segments(model, inputs, image_index, feats.shape[0])
         for s, seg in enumerate(segments):
-            seg_feats = feats[seg.start : seg.start + seg.length]
+            part = slice(seg.start, seg.start + seg.length)
             ctx = SegmentContext(
-                features=seg_feats, grid=seg.grid, sample_index=b, image_index=i, segment_index=s
+                features=feats[part],
+                grid=seg.grid,
+                sample_index=b,
+                image_index=i,
+                segment_index=s,
+                attention=signals[part, 0] if signals is not None else None,
+                keys=signals[part, 1:] if signals is not None else None,
             )
             red = self.method.reduce(ctx)
             seg_slots = image_slots[seg.start + red.positions.to(image_slots.device)]
             embeds[b, seg_slots] = red.features.to(embeds.dtype)
             keep[b, seg_slots] = True
-            kept += int(red.positions.numel())
+            kept.append(seg_slots)
         return kept
 
     # ------------------------------------------------------------------ decoding
@@ -189,9 +224,42 @@ class Pipeline:
             return []
         model, adapter = self.backbone.model, self.backbone.adapter
         tokenizer = self.backbone.processor.tokenizer
+        pre = self.prefill_inputs(self.encode(prompts))
+        with ExitStack() as scope:
+            pruning = None
+            if isinstance(self.method, LayerTokenMethod):
+                pruning = scope.enter_context(
+                    LayerPruning(
+                        adapter.decoder_layers(model),
+                        adapter.self_attention,
+                        self.method,
+                        pre.attention_mask,
+                        pre.segments,
+                        adapter.text_config(model)._attn_implementation,
+                    )
+                )
+            tokens = self._decode(pre, max_new_tokens, pruning)
+        results = []
+        for b, sample in enumerate(tokens):
+            ids = sample[: sample.index(eos)] if (eos := tokenizer.eos_token_id) in sample else sample
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            stats = {**pre.stats[b], "new_tokens": len(sample)}
+            n_layers = len(adapter.decoder_layers(model))
+            if pruning is not None:
+                stats["visual_kept"] = pruning.kept[b] or stats["visual_kept"]
+                stats["layer_tokens"] = pruning.layer_tokens(b)
+                stats["layer_visual"] = pruning.layer_visual(b)
+            else:
+                stats["layer_tokens"] = [stats["prefill_tokens"]] * n_layers
+                stats["layer_visual"] = [sum(stats["visual_kept"])] * n_layers
+            results.append(Generation(text=text, stats=stats))
+        return results
+
+    def _decode(self, pre: Prefill, max_new_tokens: int, pruning: LayerPruning | None) -> list[list[int]]:
+        """Prefill then greedy decoding; the new tokens of every sample, eos included."""
+        model, adapter = self.backbone.model, self.backbone.adapter
         language_model, lm_head = adapter.language_model(model), adapter.lm_head(model)
         embed = adapter.input_embeddings(model)
-        pre = self.prefill_inputs(self.encode(prompts))
         cache = DynamicCache(config=adapter.text_config(model))
         out = language_model(
             inputs_embeds=pre.inputs_embeds,
@@ -200,13 +268,15 @@ class Pipeline:
             past_key_values=cache,
             use_cache=True,
         )
+        if pruning is not None:
+            pruning.finish_prefill()
         # next position of every sample: one past the largest position of its prompt, on every rope axis
         valid = pre.attention_mask.bool()
         pos = pre.position_ids if pre.position_ids.ndim == 3 else pre.position_ids[None]
         next_pos = pos.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # (B,)
         mask = pre.attention_mask
-        eos = tokenizer.eos_token_id
-        batch = len(prompts)
+        eos = self.backbone.processor.tokenizer.eos_token_id
+        batch = pre.attention_mask.shape[0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = torch.zeros(batch, dtype=torch.bool, device=mask.device)
         for step in range(max_new_tokens):
@@ -228,9 +298,4 @@ class Pipeline:
                 past_key_values=cache,
                 use_cache=True,
             )
-        results = []
-        for b in range(batch):
-            ids = tokens[b][: tokens[b].index(eos)] if eos in tokens[b] else tokens[b]
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            results.append(Generation(text=text, stats={**pre.stats[b], "new_tokens": len(tokens[b])}))
-        return results
+        return tokens

@@ -14,7 +14,7 @@ from effivlm.backbones.tiny import build_tiny, save_backbone
 
 TEST_SIZES = TinySizes(
     text_hidden=64,
-    text_layers=2,
+    text_layers=3,  # FastV's default layer 2 needs a layer after it
     text_heads=4,
     text_kv_heads=2,
     text_intermediate=128,

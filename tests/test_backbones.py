@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TEST_SIZES
 
 from effivlm.backbones import available_families, get_adapter
 from effivlm.backbones.loading import load_backbone
@@ -43,7 +44,7 @@ def test_loading_uses_native_classes_and_sdpa(backbone):
     adapter, model = backbone.adapter, backbone.model
     assert type(model) is adapter.model_class
     assert adapter.text_config(model)._attn_implementation == "sdpa"
-    assert len(adapter.decoder_layers(model)) == 2
+    assert len(adapter.decoder_layers(model)) == TEST_SIZES.text_layers
     assert isinstance(adapter.vision_tower(model), torch.nn.Module)
     assert isinstance(adapter.projector(model), torch.nn.Module)
     assert backbone.processor.tokenizer.convert_ids_to_tokens(adapter.image_token_id(model)) in (

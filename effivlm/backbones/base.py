@@ -128,6 +128,32 @@ class FamilyAdapter(ABC):
         """How image ``image_index``'s ``n_tokens`` visual tokens split into crops or tiles (default: one)."""
         return [Segment(0, n_tokens, None)]
 
+    # ----------------------------------------------------------------- attention scores
+    #: whether the vision tower prepends a class token, whose attention row then ranks the patches
+    vision_cls_token: ClassVar[bool] = False
+
+    def self_attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of one decoder layer."""
+        return layer.self_attn
+
+    @abstractmethod
+    def vision_attention(self, model: PreTrainedModel) -> nn.Module:
+        """The attention module of the vision layer whose output feeds the projector: where VisionZip and
+        PruMerge+ read the attention each patch receives and the patches' keys."""
+
+    @abstractmethod
+    def vision_token_signals(
+        self, model: PreTrainedModel, inputs: dict[str, Any], patch_signals: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Per-patch signals recorded at ``vision_attention`` -> one (N_i, C) tensor per image, row for row
+        aligned with ``image_features``.
+
+        ``patch_signals`` holds one (n, P, C) tensor per call of the attention function, in call order: channel 0
+        is the attention a patch received, the others its key. A visual token made of several patches sums their
+        attention and averages their keys (``merge_patch_signals``); a token not made of patches (a newline)
+        gets zeros.
+        """
+
     def position_ids(self, model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
         """Position ids of the prompt, (B, L); left padding is skipped."""
         mask = inputs["attention_mask"]
@@ -149,6 +175,22 @@ class FamilyAdapter(ABC):
 
     def tiny_chat_template(self) -> str:
         return CHAT_TEMPLATE.replace("{{ IMAGE }}", self.image_placeholder)
+
+
+def merge_patch_signals(signals: torch.Tensor) -> torch.Tensor:
+    """(..., g, C) signals of the g patches forming one token -> (..., C): attention (channel 0) summed, keys
+    averaged."""
+    return torch.cat([signals[..., :1].sum(-2), signals[..., 1:].mean(-2)], dim=-1)
+
+
+def feature_layer_index(vision_feature_layer: int, n_layers: int) -> int:
+    """The encoder layer whose output is ``hidden_states[vision_feature_layer]`` (index 0 is the embeddings)."""
+    index = vision_feature_layer % (n_layers + 1) - 1
+    if not 0 <= index < n_layers:
+        raise ValueError(
+            f"vision_feature_layer {vision_feature_layer} selects no layer of a {n_layers}-layer tower"
+        )
+    return index
 
 
 def contiguous_runs(mask: torch.Tensor) -> list[int]:

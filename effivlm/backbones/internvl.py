@@ -18,6 +18,8 @@ from effivlm.backbones.base import (
     Segment,
     TinySizes,
     contiguous_runs,
+    feature_layer_index,
+    merge_patch_signals,
     qwen2_text_config,
     register_adapter,
 )
@@ -62,6 +64,27 @@ class InternVLAdapter(FamilyAdapter):
         is_image = inputs["input_ids"] == self.image_token_id(model)
         per_image = [n // tiles.shape[1] for row in is_image for n in contiguous_runs(row)]
         return [t.flatten(0, 1) for t in torch.split(tiles, per_image)]
+
+    vision_cls_token = True
+
+    def vision_attention(self, model):
+        layers = model.model.vision_tower.encoder.layer
+        return layers[feature_layer_index(model.config.vision_feature_layer, len(layers))].attention
+
+    def vision_token_signals(self, model, inputs: dict[str, Any], patch_signals: list[torch.Tensor]):
+        # the same class-token drop and pixel shuffle as get_image_features: a token's 4C channels are the C
+        # channels of its 2 x 2 patches, one after the other
+        signals = torch.cat(patch_signals, dim=0)[:, 1:]  # (tiles, P, C)
+        tiles, patches, channels = signals.shape
+        side = math.isqrt(patches)
+        shuffled = model.model.pixel_shuffle(
+            signals.reshape(tiles, side, side, channels), scale_factor=model.config.downsample_ratio
+        )
+        group = shuffled.shape[-1] // channels
+        per_tile = merge_patch_signals(shuffled.reshape(tiles, -1, group, channels))  # (tiles, N_tile, C)
+        is_image = inputs["input_ids"] == self.image_token_id(model)
+        per_image = [n // per_tile.shape[1] for row in is_image for n in contiguous_runs(row)]
+        return [t.flatten(0, 1) for t in torch.split(per_tile, per_image)]
 
     def image_segments(self, model, inputs: dict[str, Any], image_index: int, n_tokens: int) -> list[Segment]:
         per_tile = self.tokens_per_tile(model)

@@ -12,8 +12,16 @@ from transformers import (
     LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
 )
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from effivlm.backbones.base import FamilyAdapter, Segment, TinySizes, qwen2_text_config, register_adapter
+from effivlm.backbones.base import (
+    FamilyAdapter,
+    Segment,
+    TinySizes,
+    feature_layer_index,
+    qwen2_text_config,
+    register_adapter,
+)
 
 
 @register_adapter
@@ -47,6 +55,33 @@ class LlavaOnevisionAdapter(FamilyAdapter):
             batch_num_images=batch_num_images,
         )
         return list(out.pooler_output)
+
+    def vision_attention(self, model):
+        tower = model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        return layers[feature_layer_index(model.config.vision_feature_layer, len(layers))].self_attn
+
+    def vision_token_signals(self, model, inputs: dict[str, Any], patch_signals: list[torch.Tensor]):
+        # the same crop split and AnyRes packing as get_image_features, applied to the signals; the newline
+        # tokens closing each row of crops get zeros
+        cfg = model.config
+        signals = torch.cat(patch_signals, dim=0)  # (crops, P, C)
+        if cfg.vision_feature_select_strategy == "default":
+            signals = signals[:, 1:]
+        need_crops = [n == 1 for n in inputs["batch_num_images"].tolist() for _ in range(n)]
+        crops = [
+            image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            if crop
+            else 1
+            for size, crop in zip(inputs["image_sizes"], need_crops, strict=True)
+        ]
+        packed, _ = model.model.pack_image_features(
+            torch.split(signals, crops),
+            inputs["image_sizes"],
+            image_newline=signals.new_zeros(signals.shape[-1]),
+            vision_aspect_ratio=cfg.vision_aspect_ratio,
+        )
+        return list(packed)
 
     def base_tokens(self, model_or_config) -> int:
         cfg = getattr(model_or_config, "config", model_or_config)

@@ -14,8 +14,16 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
 )
+from transformers.vision_utils import get_vision_window_index
 
-from effivlm.backbones.base import FamilyAdapter, Segment, TinySizes, qwen2_text_config, register_adapter
+from effivlm.backbones.base import (
+    FamilyAdapter,
+    Segment,
+    TinySizes,
+    merge_patch_signals,
+    qwen2_text_config,
+    register_adapter,
+)
 
 PATCH = 8
 MERGE = 2
@@ -52,6 +60,24 @@ class Qwen2VLAdapter(FamilyAdapter):
     def image_features(self, model, inputs: dict[str, Any]) -> list[torch.Tensor]:
         out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         return list(out.pooler_output)
+
+    def vision_attention(self, model):
+        return model.model.visual.blocks[-1].attn
+
+    def _patch_order(self, model, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Merge-unit order of the vision blocks' sequence relative to the output's, None when the same."""
+        return None
+
+    def vision_token_signals(self, model, inputs: dict[str, Any], patch_signals: list[torch.Tensor]):
+        # the attention runs once per image over its patches, ordered so that each 2 x 2 merge group is contiguous
+        grid_thw = inputs["image_grid_thw"]
+        group = model.config.vision_config.spatial_merge_size**2
+        signals = torch.cat([s[0] for s in patch_signals], dim=0)  # (patches, C)
+        tokens = merge_patch_signals(signals.reshape(-1, group, signals.shape[-1]))  # (tokens, C)
+        order = self._patch_order(model, grid_thw)
+        if order is not None:
+            tokens = tokens[torch.argsort(order.to(tokens.device))]
+        return list(torch.split(tokens, (grid_thw.prod(-1) // group).tolist()))
 
     def image_segments(self, model, inputs: dict[str, Any], image_index: int, n_tokens: int) -> list[Segment]:
         t, h, w = (int(x) for x in inputs["image_grid_thw"][image_index])
@@ -112,6 +138,26 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
     processor_class = Qwen2_5_VLProcessor
+
+    def vision_attention(self, model):
+        visual = model.model.visual
+        last = len(visual.blocks) - 1
+        if last not in visual.fullatt_block_indexes:
+            raise ValueError(
+                f"the last vision block ({last}) uses window attention; VisionZip scores need a full one"
+            )
+        return visual.blocks[last].attn
+
+    def _patch_order(self, model, grid_thw: torch.Tensor) -> torch.Tensor:
+        # Qwen2.5-VL runs its blocks over merge units sorted by attention window, and undoes it after the merger
+        visual = model.model.visual
+        window_index, _ = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        return window_index
 
     def tiny_config(self, vocab_size, token_ids, image_size, sizes: TinySizes):
         return Qwen2_5_VLConfig(

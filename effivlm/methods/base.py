@@ -28,7 +28,8 @@ def kept_count(budget: float, n: int) -> int:
 
 @dataclass(frozen=True)
 class Method:
-    """A compression method. ``kind`` says where it acts: ``none``, ``visual`` (tokens before the LLM)."""
+    """A compression method. ``kind`` says where it acts: ``none``, ``visual`` (tokens before the LLM), ``layer``
+    (visual tokens inside the LLM, from one decoder layer on)."""
 
     budget: float = 1.0
 
@@ -81,6 +82,11 @@ class SegmentContext:
     sample_index: int  # index of the prompt within its own request (not the batch), for seeding
     image_index: int  # image number within the prompt
     segment_index: int  # crop/tile number within the image
+    #: attention each token received in the vision encoder's feature layer (its class-token row where the tower
+    #: has one, else the mean over all queries), float32 (N,); only for methods with ``needs_vision_attention``
+    attention: torch.Tensor | None = None
+    #: the tokens' keys in that layer, averaged over heads, float32 (N, d)
+    keys: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,40 @@ class VisualTokenMethod(Method):
     """Reduces each image segment's visual tokens before they enter the language model."""
 
     kind: ClassVar[str] = "visual"
+    #: whether ``reduce`` reads ``SegmentContext.attention`` and ``keys`` (recorded during the vision forward)
+    needs_vision_attention: ClassVar[bool] = False
 
     def reduce(self, ctx: SegmentContext) -> Reduction:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LayerTokenMethod(Method):
+    """Drops visual tokens inside the language model: decoder layers before ``layer`` see the whole prompt,
+    layers from ``layer`` on see the kept tokens only, ranked by the attention they received in layer
+    ``layer - 1``. ``score_queries`` says which queries' attention counts (``all`` or ``last``)."""
+
+    layer: int = 2
+
+    kind: ClassVar[str] = "layer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"method '{self.name}': layer must be an integer >= 1, got {self.layer!r}")
+
+    @property
+    def score_queries(self) -> str:
+        raise NotImplementedError
+
+    def check_depth(self, n_layers: int) -> None:
+        """Fail when ``layer`` is not a decoder layer after the first of an ``n_layers``-layer language model."""
+        if not 1 <= self.layer <= n_layers - 1:
+            raise ValueError(
+                f"method '{self.name}': layer {self.layer} is outside [1, {n_layers - 1}] "
+                f"for a language model of {n_layers} layers"
+            )
+
+    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """Sorted indices of the ``k`` highest of one segment's ``scores`` (N,)."""
+        return torch.topk(scores, k).indices.sort().values

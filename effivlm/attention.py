@@ -1,0 +1,159 @@
+"""Attention scores without eager attention: probes on chosen attention modules, and chunked score math.
+
+Score-based methods need to know how much attention some tokens receive, but a model on sdpa or
+flash-attention never materialises attention probabilities. ``probe_attention`` routes only the chosen
+attention modules through a thin wrapper registered in transformers' ``AttentionInterface``: the wrapper hands
+the module's post-rope queries and keys to a callback, then calls the implementation the model was loaded
+with, unchanged. The routing is a per-module copy of the config, restored when the context ends; no other
+module, no global setting and nothing at import time is touched. The callback computes just the rows it needs,
+in query chunks, with ``received_attention``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+PROBE_IMPLEMENTATION = "effivlm_probe"
+
+#: callback(module, query (B, H, q, d), key (B, KVH, k, d), attention_mask, kwargs)
+ProbeCallback = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any, dict[str, Any]], None]
+
+_ACTIVE: dict[int, tuple[ProbeCallback, str | None]] = {}
+
+
+def _base_function(module: nn.Module, implementation: str | None) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation in (None, "eager"):
+        # every transformers modeling file defines its own eager attention next to the module
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise RuntimeError(f"no eager attention function next to {type(module).__name__}")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _probed_attention(module, query, key, value, attention_mask, **kwargs):
+    callback, implementation = _ACTIVE[id(module)]
+    callback(module, query, key, attention_mask, kwargs)
+    return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_probe() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PROBE_IMPLEMENTATION, _probed_attention)  # idempotent
+
+
+@contextmanager
+def probe_attention(modules: Sequence[nn.Module], callback: ProbeCallback) -> Iterator[None]:
+    """While active, every call of each module's attention function first passes its queries and keys to
+    ``callback``; the attention output is the model's own implementation's, bit for bit."""
+    _register_probe()
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for module in modules:
+            if id(module) in _ACTIVE:
+                raise RuntimeError(f"{type(module).__name__} is already probed")
+            config = module.config
+            implementation = config._attn_implementation
+            routed = copy.copy(config)  # shallow: only this module sees the probe implementation
+            routed._attn_implementation_internal = PROBE_IMPLEMENTATION
+            saved.append((module, config))
+            _ACTIVE[id(module)] = (callback, implementation)
+            module.config = routed
+        yield
+    finally:
+        for module, config in saved:
+            module.config = config
+            _ACTIVE.pop(id(module), None)
+
+
+def attention_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    causal: bool = False,
+    key_valid: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Softmax attention probabilities, float32, one chunk of query rows at a time.
+
+    ``query`` (B, H, q, d) and ``key`` (B, KVH, k, d) with H a multiple of KVH (grouped-query attention).
+    ``causal``: query i (of the last q of k positions) sees keys up to k - q + i. ``key_valid`` (B, k) bool
+    masks padding keys. ``rows``: query indices to compute (default all). Yields (row indices (c,), probs
+    (B, H, c, k)); a padding query, which sees no valid key, gets all-zero probabilities.
+    """
+    b, h, q, d = query.shape
+    kvh, k = key.shape[1], key.shape[2]
+    if h % kvh:
+        raise ValueError(f"{h} query heads are not a multiple of {kvh} key heads")
+    scale = d**-0.5 if scaling is None else scaling
+    keys = key.float().repeat_interleave(h // kvh, dim=1)  # (B, H, k, d)
+    rows = torch.arange(q, device=query.device) if rows is None else rows.to(query.device)
+    for start in range(0, rows.numel(), chunk):
+        idx = rows[start : start + chunk]  # (c,)
+        logits = torch.matmul(query[:, :, idx].float(), keys.transpose(-1, -2)) * scale  # (B, H, c, k)
+        allowed = torch.ones(b, 1, idx.numel(), k, dtype=torch.bool, device=query.device)
+        if causal:
+            last_key = idx + (k - q)  # (c,)
+            allowed = allowed & (torch.arange(k, device=query.device)[None, :] <= last_key[:, None])
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, None, :].bool()
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+        yield idx, probs
+
+
+def received_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    queries: str = "all",
+    scaling: float | None = None,
+    causal: bool = False,
+    key_valid: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Attention each key receives, averaged over heads and over the chosen queries: (B, k) float32.
+
+    ``queries``: ``all`` (the mean over every valid query), ``last`` (the last query only) or ``first`` (the
+    first query only, the class token of a ViT). ``query_valid`` (B, q) bool excludes padding queries from the
+    mean of ``all``.
+    """
+    b, h, q, _ = query.shape
+    if queries == "last":
+        rows = torch.tensor([q - 1])
+    elif queries == "first":
+        rows = torch.tensor([0])
+    elif queries == "all":
+        rows = None
+    else:
+        raise ValueError(f"queries must be 'all', 'last' or 'first', got {queries!r}")
+    total = torch.zeros(b, key.shape[2], dtype=torch.float32, device=query.device)
+    weight = torch.ones(b, q, dtype=torch.float32, device=query.device)
+    if query_valid is not None and queries == "all":
+        weight = query_valid.float()
+    count = torch.zeros(b, dtype=torch.float32, device=query.device)
+    for idx, probs in attention_probabilities(
+        query, key, scaling=scaling, causal=causal, key_valid=key_valid, rows=rows, chunk=chunk
+    ):
+        w = weight[:, idx.to(weight.device)]  # (B, c)
+        total += torch.einsum("bhck,bc->bk", probs, w)
+        count += w.sum(-1) * h
+    return total / count.clamp_min(1.0)[:, None]
+
+
+def head_mean_keys(key: torch.Tensor) -> torch.Tensor:
+    """Keys averaged over heads, (B, KVH, k, d) -> (B, k, d) float32: the similarity metric of token merging."""
+    return key.float().mean(dim=1)
