@@ -264,6 +264,49 @@ def _check_methods(cfg: dict[str, Any]) -> None:
         )
 
 
+def _text_layers(model: Mapping[str, Any]) -> int | None:
+    """Decoder depth of a model when it is known without loading weights: an embedded backbone's configured
+    size, or a local checkpoint's config.json; None for a hub id or a folder not there yet."""
+    if model["source"] == "embedded":
+        from effivlm.backbones.base import TinySizes
+
+        sizes = (model.get("train") or {}).get("sizes") or {}
+        return int(sizes.get("text_layers", TinySizes().text_layers))
+    config_file = Path(model["path"]) / "config.json" if model["source"] == "path" else None
+    if config_file is None or not config_file.is_file():
+        return None
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the job's loader reports a corrupt checkpoint with its own message
+    text = raw.get("text_config") or raw.get("llm_config") or raw
+    layers = text.get("num_hidden_layers")
+    return int(layers) if isinstance(layers, int) else None
+
+
+def _check_method_models(cfg: dict[str, Any]) -> None:
+    """Every variant builds at each budget (the method's own checks of its parameters), serves every model's
+    family, and fits every model's depth where that is known."""
+    from effivlm.methods import build_method
+    from effivlm.methods.base import LayerTokenMethod
+
+    for variant, spec in cfg["methods"].items():
+        where = f"methods.{variant}"
+        for budget in spec["budgets"]:
+            try:
+                method = build_method(spec["method"], budget, spec["params"])
+            except ValueError as err:
+                raise ConfigError(f"{where}.params", str(err)) from None
+            for model, mspec in cfg["models"].items():
+                try:
+                    method.check_family(mspec["family"])
+                    depth = _text_layers(mspec)
+                    if isinstance(method, LayerTokenMethod) and depth is not None:
+                        method.check_depth(depth)
+                except ValueError as err:
+                    raise ConfigError(where, f"{err} (model '{model}')") from None
+
+
 def _check_tasks(cfg: dict[str, Any]) -> None:
     embedded = [m for m, spec in cfg["models"].items() if spec["source"] == "embedded"]
     synthetic = [t for t, spec in cfg["tasks"].items() if spec["kind"] == "synthetic"]
@@ -359,6 +402,7 @@ def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     _schema_check(raw)
     _check_models(raw)
     _check_methods(raw)
+    _check_method_models(raw)
     _check_tasks(raw)
     return raw
 

@@ -291,6 +291,41 @@ def test_lmms_tasks_may_carry_their_lmms_eval_name() -> None:
             id="lmms-task-on-synthetic",
         ),
         pytest.param([1, 2], "config: expected a mapping at top level, got array", id="not-a-mapping"),
+        pytest.param(
+            with_(methods={"dense": {}, "fastv": {"budgets": [0.1], "params": {"layer": 4}}}),
+            "config: methods.fastv: method 'fastv': layer 4 is outside [1, 3] for a language model of 4 layers "
+            "(model 'tiny')",
+            id="fastv-layer-beyond-depth",
+        ),
+        pytest.param(
+            with_(
+                models={
+                    "tiny": {
+                        "family": "qwen2_vl",
+                        "source": "embedded",
+                        "train": {"sizes": {"text_layers": 2}},
+                    }
+                },
+                methods={"dense": {}, "fastv": {"budgets": [0.1]}},
+            ),
+            "config: methods.fastv: method 'fastv': layer 2 is outside [1, 1] for a language model of 2 layers",
+            id="fastv-default-layer-beyond-a-shallow-model",
+        ),
+        pytest.param(
+            with_(methods={"dense": {}, "fastv": {"budgets": [0.1], "params": {"ranking": "first"}}}),
+            "config: methods.fastv.params: method 'fastv': ranking must be one of ['last', 'mean'], got 'first'",
+            id="fastv-bad-ranking",
+        ),
+        pytest.param(
+            with_(
+                methods={
+                    "dense": {},
+                    "pm": {"method": "prumerge_plus", "budgets": [0.1], "params": {"neighbours": 0}},
+                }
+            ),
+            "config: methods.pm.params: method 'prumerge_plus': neighbours must be an integer >= 1, got 0",
+            id="prumerge-neighbours-zero",
+        ),
     ],
 )
 def test_bad_configs_fail_with_one_line(cfg: Any, expected: str) -> None:

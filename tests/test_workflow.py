@@ -90,12 +90,12 @@ def test_default_config_plans_the_embedded_grid(planned) -> None:
 def test_test_config_plans(planned) -> None:
     counts = counts_of(planned, "test")
     assert counts["backbone"] == 2
-    assert counts["evaluate"] == 2 * 2 * (1 + 2)
+    assert counts["evaluate"] == 2 * 2 * (1 + 2 + 1 + 1)
 
 
 def test_paper_config_plans_the_full_grid_without_weights(planned) -> None:
     counts = counts_of(planned, "paper")
-    assert counts["evaluate"] == 3 * 15 * (1 + 3)
+    assert counts["evaluate"] == 3 * 15 * (1 + 5 * 3)
     assert "backbone" not in counts and "synthetic_data" not in counts
 
 
@@ -141,7 +141,8 @@ def test_whole_dag_on_the_test_config(tmp_path: Path) -> None:
     metrics = pd.read_csv(results / "tables" / "metrics.csv")
     missing = [c for c in METRICS_COLUMNS if c not in metrics.columns]
     assert not missing, f"metrics.csv lacks {missing}; has {list(metrics.columns)}"
-    assert len(metrics) == 2 * 2 * (1 + 2)
+    assert len(metrics) == 2 * 2 * (1 + 2 + 1 + 1)
+    assert set(metrics["method"]) == {"dense", "random", "fastv", "visionzip"}
     dense = metrics[metrics["method"] == "dense"]
     assert len(dense) == 2 * 2
     assert (dense["loyalty"] == 1.0).all()

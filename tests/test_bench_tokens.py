@@ -1,0 +1,53 @@
+"""The prefill benchmark runs end to end on a tiny model and prints a row per method and budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["random", "pool", "fastv", "visionzip", "prumerge_plus"]
+BUDGETS = ["0.01", "0.1", "0.4"]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("token_prefill", ROOT / "benchmarks" / "token_prefill.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str, title: str) -> list[list[str]]:
+    """Body rows of the Markdown table that follows the heading ``title``."""
+    section = text.split(title, 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_quick_run_prints_every_method_and_budget(capsys, tmp_path):
+    bench = load_benchmark()
+    report = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "prefill")])
+    out = capsys.readouterr().out
+
+    speed = table_rows(out, "## Speedup per method and budget")
+    assert [(r[0], r[1]) for r in speed] == [("dense", "1")] + [(m, b) for m in METHODS for b in BUDGETS]
+    for method, _, kept, median, spread, measured, theory, ratio in speed:
+        assert re.fullmatch(r"\d+/16", kept)
+        low, high = (float(x) for x in spread.split("-"))
+        assert 0 < low <= float(median) <= high
+        assert float(measured) > 0 and float(ratio) > 0
+        assert float(theory) >= 1.0 if method != "dense" else float(theory) == 1.0
+
+    overhead = table_rows(out, "## Scoring overhead")
+    assert [r[0] for r in overhead] == METHODS
+    assert all(float(r[1]) > 0 for r in overhead)
+    assert len(table_rows(out, "## Targets of the issue")) == 3
+
+    # visual tokens kept are the budget's (16 tokens: ceil(0.4 * 16) = 7), and the files hold the same rows
+    assert {(r["method"], r["budget"]): r["visual_kept"] for r in report.speed}[("visionzip", 0.4)] == 7
+    assert json.loads((tmp_path / "prefill.json").read_text())["speed"] == report.speed
+    assert "## Speedup per method and budget" in (tmp_path / "prefill.md").read_text()
