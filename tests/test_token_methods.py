@@ -155,11 +155,17 @@ def test_fastv_prefill_and_decode_match_a_plain_reference(backbones, prompts, fa
     method = build_method("fastv", 0.4, {"ranking": ranking, "layer": 1})
     pipe = Pipeline(backbone, method)
     pre = pipe.prefill_inputs(pipe.encode(prompts[:1]))
-    lm, lm_head, embed = adapter.language_model(model), adapter.lm_head(model), adapter.input_embeddings(model)
+    lm, lm_head, embed = (
+        adapter.language_model(model),
+        adapter.lm_head(model),
+        adapter.input_embeddings(model),
+    )
     layers = adapter.decoder_layers(model)
     impl = adapter.text_config(model)._attn_implementation
     with torch.inference_mode():
-        with LayerPruning(layers, adapter.self_attention, method, pre.attention_mask, pre.segments, impl) as p:
+        with LayerPruning(
+            layers, adapter.self_attention, method, pre.attention_mask, pre.segments, impl
+        ) as p:
             tokens = pipe._decode(pre, 6, p)[0]
         rows = p.rows[0]
         # the kept visual tokens are each segment's top scores
@@ -192,7 +198,9 @@ def test_fastv_prefill_hidden_states_match_the_reference(backbones, prompts):
     impl = adapter.text_config(model)._attn_implementation
     with torch.inference_mode():
         layers = adapter.decoder_layers(model)
-        with LayerPruning(layers, adapter.self_attention, method, pre.attention_mask, pre.segments, impl) as p:
+        with LayerPruning(
+            layers, adapter.self_attention, method, pre.attention_mask, pre.segments, impl
+        ) as p:
             out = lm(
                 inputs_embeds=pre.inputs_embeds,
                 attention_mask=pre.attention_mask,
@@ -213,9 +221,9 @@ def test_fastv_ranking_changes_the_selection(backbones, prompts):
         model, adapter = backbone.model, backbone.adapter
         layers = adapter.decoder_layers(model)
         impl = adapter.text_config(model)._attn_implementation
-        with torch.inference_mode():
-            with LayerPruning(layers, adapter.self_attention, method, pre.attention_mask, pre.segments, impl) as p:
-                pipe._decode(pre, 1, p)
+        pruning = LayerPruning(layers, adapter.self_attention, method, pre.attention_mask, pre.segments, impl)
+        with torch.inference_mode(), pruning as p:
+            pipe._decode(pre, 1, p)
         kept[ranking] = [r.tolist() for r in p.rows]
     assert kept["mean"] != kept["last"]
 
