@@ -12,7 +12,7 @@ setup:
 	@EFFIVLM_VENV=$(VENV) bash scripts/setup_env.sh
 
 demo: setup
-	$(VENV)/bin/snakemake --cores $(CORES) --config results=$(RESULTS)
+	$(VENV)/bin/snakemake --cores $(CORES) --rerun-incomplete --config results=$(RESULTS)
 	@echo
 	@echo "tables:  $(RESULTS)/tables/metrics.csv  summary.csv  summary.md"
 	@echo "figures: $(RESULTS)/figures/retained_vs_budget.png  task_ratios.png  (and .svg)"

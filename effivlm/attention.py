@@ -88,30 +88,37 @@ def attention_probabilities(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Softmax attention probabilities, float32, one chunk of query rows at a time.
 
-    ``query`` (B, H, q, d) and ``key`` (B, KVH, k, d) with H a multiple of KVH (grouped-query attention).
-    ``causal``: query i (of the last q of k positions) sees keys up to k - q + i. ``key_valid`` (B, k) bool
-    masks padding keys. ``rows``: query indices to compute (default all). Yields (row indices (c,), probs
-    (B, H, c, k)); a padding query, which sees no valid key, gets all-zero probabilities.
+    ``query`` (B, H, q, d) and ``key`` (B, KVH, k, d) with H a multiple of KVH (grouped-query attention: query
+    head j reads key head j // (H / KVH)). As in eager attention, the logits are computed in the inputs' dtype
+    and the softmax in float32. ``causal``: query i (of the last q of k positions) sees keys up to k - q + i.
+    ``key_valid`` (B, k) bool masks padding keys. ``rows``: query indices to compute (default all). Yields
+    (row indices (c,), probs (B, H, c, k)); a padding query, which sees no valid key, gets all-zero probabilities.
     """
     b, h, q, d = query.shape
     kvh, k = key.shape[1], key.shape[2]
     if h % kvh:
         raise ValueError(f"{h} query heads are not a multiple of {kvh} key heads")
+    group = h // kvh
     scale = d**-0.5 if scaling is None else scaling
-    keys = key.float().repeat_interleave(h // kvh, dim=1)  # (B, H, k, d)
+    keys_t = key.transpose(-1, -2)[
+        :, :, None
+    ]  # (B, KVH, 1, d, k): shared by the group's query heads, no copy
     rows = torch.arange(q, device=query.device) if rows is None else rows.to(query.device)
+    masked = causal or key_valid is not None
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]  # (c,)
-        logits = torch.matmul(query[:, :, idx].float(), keys.transpose(-1, -2)) * scale  # (B, H, c, k)
-        allowed = torch.ones(b, 1, idx.numel(), k, dtype=torch.bool, device=query.device)
-        if causal:
-            last_key = idx + (k - q)  # (c,)
-            allowed = allowed & (torch.arange(k, device=query.device)[None, :] <= last_key[:, None])
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, None, :].bool()
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
-        yield idx, probs
+        grouped = query[:, :, idx].reshape(b, kvh, group, idx.numel(), d)
+        logits = torch.matmul(grouped, keys_t).reshape(b, h, idx.numel(), k).float() * scale  # (B, H, c, k)
+        if masked:
+            allowed = torch.ones(b, 1, idx.numel(), k, dtype=torch.bool, device=query.device)
+            if causal:
+                last_key = idx + (k - q)  # (c,)
+                allowed = allowed & (torch.arange(k, device=query.device)[None, :] <= last_key[:, None])
+            if key_valid is not None:
+                allowed = allowed & key_valid[:, None, None, :].bool()
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        yield idx, probs.nan_to_num(0.0) if masked else probs  # fully masked rows -> 0
 
 
 def received_attention(

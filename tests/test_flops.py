@@ -12,6 +12,7 @@ from effivlm.efficiency import (
     DecoderShape,
     attention_flops,
     decode_flops,
+    encoder_flops,
     layer_flops,
     linear_flops,
     lm_head_flops,
@@ -114,3 +115,12 @@ def test_bad_inputs_raise():
         layer_flops(TINY, 5, 3)
     with pytest.raises(ValueError, match="hidden"):
         DecoderShape(hidden=0, intermediate=1, layers=1, heads=1, kv_heads=1, head_dim=1, vocab=1)
+
+
+def test_encoder_flops_counts_weights_per_token_and_pairs_per_sequence():
+    # 2 sequences of 3 and 4 tokens, 10 linear weights, 2 layers of width 5
+    assert encoder_flops(10, 2, 5, [3, 4]) == 2 * 10 * 7 + 2 * 4 * 5 * (9 + 16)
+    # one long sequence costs more attention than the same tokens split into two
+    assert encoder_flops(0, 1, 8, [8]) > encoder_flops(0, 1, 8, [4, 4])
+    with pytest.raises(ValueError, match="non-negative"):
+        encoder_flops(-1, 1, 1, [1])

@@ -126,6 +126,20 @@ def decode_flops(shape: DecoderShape, kv_per_layer: Sequence[int]) -> float:
     return total + lm_head_flops(shape, 1)
 
 
+def encoder_flops(linear_params: int, layers: int, width: int, sequences: Sequence[int]) -> float:
+    """FLOPs of a bidirectional encoder (a vision tower) over independent sequences of the given lengths.
+
+    Every linear weight costs 2 FLOPs per token; every layer's attention costs 4 * ``width`` (query/key width,
+    heads times head size) per attended pair, each sequence attending to itself in full. For towers whose
+    layers attend within windows (most of Qwen2.5-VL's) this is an upper bound.
+    """
+    if linear_params < 0 or layers < 0 or width < 0 or any(n < 0 for n in sequences):
+        raise ValueError("encoder_flops: sizes must be non-negative")
+    tokens = sum(sequences)
+    pairs = sum(n * n for n in sequences)
+    return 2.0 * linear_params * tokens + layers * 4.0 * width * pairs
+
+
 def tokens_per_layer_for(
     prompt_tokens: int, visual_tokens: int, keep: float, layer_k: int, layers: int
 ) -> list[int]:
