@@ -347,3 +347,16 @@ def test_yaml_file_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+def test_fastv_layer_is_checked_against_a_local_checkpoint_depth(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"text_config": {"num_hidden_layers": 2}}')
+    local = {"q": {"family": "qwen2_vl", "source": "path", "path": str(tmp_path)}}
+    fastv = {"dense": {}, "fastv": {"budgets": [0.1], "params": {"layer": 2}}}
+    cfg = with_(synthetic=None, models=local, tasks={"docvqa_val": {"kind": "lmms"}}, methods=fastv)
+    assert error_of(cfg) == (
+        "config: methods.fastv: method 'fastv': layer 2 is outside [1, 1] for a language model of 2 layers (model 'q')"
+    )
+    # a checkpoint that is not there yet (still downloading, on another machine) is checked by the job itself
+    cfg["models"]["q"]["path"] = str(tmp_path / "absent")
+    assert load_config(cfg)["methods"]["fastv"]["params"] == {"layer": 2}

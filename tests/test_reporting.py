@@ -361,3 +361,20 @@ def test_summary_csv_and_md_carry_intervals(jobs: list[Path], tmp_path: Path) ->
     assert "| 100.000 [100.000, 100.000] |" in md
     metrics = pd.read_csv(paths["metrics"])
     assert {"ratio_lo", "ratio_hi", "loyalty_lo", "loyalty_hi", "flips_lost", "flips_gained"} <= set(metrics)
+
+
+def test_methods_losing_to_pooling_show_a_negative_margin() -> None:
+    rows = []
+    for model in ("m1", "m2"):
+        for task in ("t1", "t2"):
+            rows.append({"model": model, "method": "dense", "budget": 1.0, "task": task, "ratio": 1.0})
+            rows.append({"model": model, "method": "pool", "budget": 0.1, "task": task, "ratio": 0.8})
+            rows.append({"model": model, "method": "fastv", "budget": 0.1, "task": task, "ratio": 0.6})
+            rows.append({"model": model, "method": "fastv", "budget": 0.4, "task": task, "ratio": 0.9})
+    metrics = pd.DataFrame(rows).assign(score=lambda d: d["ratio"], loyalty=1.0)
+    summary = build_summary_table(metrics)
+    assert row(summary, model="m1", method="fastv", budget=0.1)["OP_vs_pool"] == pytest.approx(0.6 - 0.8)
+    assert row(summary, model="overall", method="fastv", budget=0.1)["OP_vs_pool"] == pytest.approx(-0.2)
+    assert row(summary, model="m2", method="pool", budget=0.1)["OP_vs_pool"] == 0.0
+    assert math.isnan(row(summary, model="m1", method="fastv", budget=0.4)["OP_vs_pool"])  # no pool at 0.4
+    assert "| OP - pool |" in summary_markdown(summary) and "-0.200" in summary_markdown(summary)

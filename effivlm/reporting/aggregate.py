@@ -100,8 +100,12 @@ SUMMARY_COLUMNS = [
     "OL_lo",
     "OL_hi",
     "visual_kept_share",
+    "OP_vs_pool",
     "note",
 ]
+
+#: the budget-matched baseline every informed token method must beat (EffiVLM-Bench's pooling)
+BASELINE = "pool"
 
 
 @dataclass(frozen=True)
@@ -537,7 +541,17 @@ def build_summary_table(
                 **_summarise(group, replicates, alpha),
             }
         )
-    return _sort_summary(pd.DataFrame(rows, columns=SUMMARY_COLUMNS))
+    return _sort_summary(_against_baseline(pd.DataFrame(rows, columns=SUMMARY_COLUMNS)))
+
+
+def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
+    """``OP_vs_pool``: OP minus the pooling baseline's OP for the same model (or overall) and budget, so a method
+    that loses to pooling shows a negative number; NaN where no pooling run shares the budget."""
+    base = summary[summary["method_name"] == BASELINE].set_index(["model", "budget"])["OP"]
+    base = base[~base.index.duplicated()]
+    keys = pd.MultiIndex.from_frame(summary[["model", "budget"]])
+    summary["OP_vs_pool"] = summary["OP"].to_numpy() - base.reindex(keys).to_numpy()
+    return summary
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:
@@ -556,6 +570,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         ("OG", "OG"),
         ("OL", "OL (%)"),
         ("visual_kept_share", "visual kept"),
+        ("OP_vs_pool", "OP - pool"),
     ]
 
     def cell(value: Any) -> str:
