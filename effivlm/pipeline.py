@@ -239,12 +239,14 @@ class Pipeline:
                     )
                 )
             tokens = self._decode(pre, max_new_tokens, pruning)
+        eos = tokenizer.eos_token_id
+        n_layers = len(adapter.decoder_layers(model))
         results = []
         for b, sample in enumerate(tokens):
-            ids = sample[: sample.index(eos)] if (eos := tokenizer.eos_token_id) in sample else sample
+            ids = sample[: sample.index(eos)] if eos in sample else sample
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             stats = {**pre.stats[b], "new_tokens": len(sample)}
-            n_layers = len(adapter.decoder_layers(model))
+            # what every decoder layer saw: the prompt after the method, or FastV's full-then-short sequence
             if pruning is not None:
                 stats["visual_kept"] = pruning.kept[b] or stats["visual_kept"]
                 stats["layer_tokens"] = pruning.layer_tokens(b)
