@@ -246,3 +246,15 @@ def test_fastv_layer_beyond_the_depth_fails_naming_the_range(backbones):
 def test_fastv_bad_parameters_fail(params, message):
     with pytest.raises(ValueError, match=message):
         build_method("fastv", 0.1, params)
+
+
+@pytest.mark.parametrize("method", ["fastv", "visionzip"])
+def test_eager_attention_gives_the_same_selection_and_tokens(tiny_paths, backbones, prompts, method):
+    """The probes and FastV's per-layer masks also serve a model loaded with eager attention (float masks)."""
+    eager = load_backbone(str(tiny_paths["qwen2_vl"]), "qwen2_vl", attn_implementation="eager")
+    assert eager.adapter.text_config(eager.model)._attn_implementation == "eager"
+    built = build_method(method, 0.4)
+    want = Pipeline(backbones["qwen2_vl"], built).generate(prompts, NEW_TOKENS)
+    got = Pipeline(eager, built).generate(prompts, NEW_TOKENS)
+    assert [g.text for g in got] == [g.text for g in want]
+    assert [g.stats["layer_visual"] for g in got] == [g.stats["layer_visual"] for g in want]
