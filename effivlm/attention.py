@@ -108,7 +108,8 @@ def attention_probabilities(
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]  # (c,)
         grouped = query[:, :, idx].reshape(b, kvh, group, idx.numel(), d)
-        logits = torch.matmul(grouped, keys_t).reshape(b, h, idx.numel(), k).float() * scale  # (B, H, c, k)
+        probs = torch.matmul(grouped, keys_t).reshape(b, h, idx.numel(), k).float()  # (B, H, c, k), owned
+        probs.mul_(scale)
         if masked:
             allowed = torch.ones(b, 1, idx.numel(), k, dtype=torch.bool, device=query.device)
             if causal:
@@ -116,9 +117,14 @@ def attention_probabilities(
                 allowed = allowed & (torch.arange(k, device=query.device)[None, :] <= last_key[:, None])
             if key_valid is not None:
                 allowed = allowed & key_valid[:, None, None, :].bool()
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        yield idx, probs.nan_to_num(0.0) if masked else probs  # fully masked rows -> 0
+            probs.masked_fill_(~allowed, float("-inf"))
+        # softmax in place (a chunk of logits is the largest tensor here): subtract the row max, exp, normalise
+        row_max = probs.amax(dim=-1, keepdim=True)
+        if masked:
+            row_max.masked_fill_(row_max == float("-inf"), 0.0)  # a fully masked row stays all -inf -> 0
+        probs.sub_(row_max).exp_()
+        probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(probs.dtype).tiny))
+        yield idx, probs
 
 
 def received_attention(
@@ -156,7 +162,7 @@ def received_attention(
         query, key, scaling=scaling, causal=causal, key_valid=key_valid, rows=rows, chunk=chunk
     ):
         w = weight[:, idx.to(weight.device)]  # (B, c)
-        total += torch.einsum("bhck,bc->bk", probs, w)
+        total += torch.matmul(w[:, None, None, :], probs).sum(dim=(1, 2))  # weighted sum over heads and rows
         count += w.sum(-1) * h
     return total / count.clamp_min(1.0)[:, None]
 
