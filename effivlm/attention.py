@@ -103,11 +103,15 @@ def attention_probabilities(
     keys_t = key.transpose(-1, -2)[
         :, :, None
     ]  # (B, KVH, 1, d, k): shared by the group's query heads, no copy
+    every_row = rows is None
     rows = torch.arange(q, device=query.device) if rows is None else rows.to(query.device)
     masked = causal or key_valid is not None
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]  # (c,)
-        grouped = query[:, :, idx].reshape(b, kvh, group, idx.numel(), d)
+        picked = (
+            query[:, :, start : start + chunk] if every_row else query[:, :, idx]
+        )  # a view when it can be
+        grouped = picked.reshape(b, kvh, group, idx.numel(), d)
         probs = torch.matmul(grouped, keys_t).reshape(b, h, idx.numel(), k).float()  # (B, H, c, k), owned
         probs.mul_(scale)
         if masked:
