@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from effivlm.methods import kept_count
+
 REPO = Path(__file__).resolve().parents[1]
 METRICS_COLUMNS = ["model", "method", "budget", "task", "score", "dense_score", "ratio", "loyalty", "n"]
 FIGURES = ["retained_vs_budget", "task_ratios"]
@@ -150,6 +152,19 @@ def test_whole_dag_on_the_test_config(tmp_path: Path) -> None:
     assert (metrics["n"] > 0).all() and (metrics["n"] <= 20).all()
     for name in ("summary.csv", "summary.md"):
         assert (results / "tables" / name).stat().st_size > 0
+
+    # Every sample's log records the visual tokens kept per image and what each decoder layer saw (4 layers):
+    # FastV at 0.4 from layer 1 on, VisionZip at 0.1 before the language model; one segment per Qwen2-VL image.
+    for variant, budget, first_pruned in (("fastv", 0.4, 1), ("visionzip", 0.1, 0)):
+        log = results / "eval" / "qwen2-vl-tiny" / variant / str(budget) / "color" / "predictions.jsonl"
+        samples = pd.read_json(log, lines=True)
+        assert len(samples) == 20
+        for sample in samples.to_dict("records"):
+            (n,) = sample["visual_tokens"]
+            k = kept_count(budget, n)
+            assert k < n and sample["visual_kept"] == [k]
+            assert sample["layer_visual"] == [n] * first_pruned + [k] * (4 - first_pruned)
+
     for name in FIGURES:
         for ext in ("png", "svg"):
             assert (results / "figures" / f"{name}.{ext}").stat().st_size > 0
