@@ -100,19 +100,18 @@ def attention_probabilities(
         raise ValueError(f"{h} query heads are not a multiple of {kvh} key heads")
     group = h // kvh
     scale = d**-0.5 if scaling is None else scaling
-    keys_t = key.transpose(-1, -2)[
-        :, :, None
-    ]  # (B, KVH, 1, d, k): shared by the group's query heads, no copy
+    # (B, KVH, 1, d, k): each key head shared by its group of query heads, without a copy
+    keys_t = key.transpose(-1, -2)[:, :, None]
     every_row = rows is None
     rows = torch.arange(q, device=query.device) if rows is None else rows.to(query.device)
     masked = causal or key_valid is not None
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]  # (c,)
-        picked = (
-            query[:, :, start : start + chunk] if every_row else query[:, :, idx]
-        )  # a view when it can be
+        # a view when every row is scored, a gather otherwise
+        picked = query[:, :, start : start + chunk] if every_row else query[:, :, idx]
         grouped = picked.reshape(b, kvh, group, idx.numel(), d)
-        probs = torch.matmul(grouped, keys_t).reshape(b, h, idx.numel(), k).float()  # (B, H, c, k), owned
+        # (B, H, c, k): a fresh tensor, so the softmax below can run in place
+        probs = torch.matmul(grouped, keys_t).reshape(b, h, idx.numel(), k).float()
         probs.mul_(scale)
         if masked:
             allowed = torch.ones(b, 1, idx.numel(), k, dtype=torch.bool, device=query.device)
