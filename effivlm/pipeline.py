@@ -42,9 +42,8 @@ class Prefill:
     attention_mask: torch.Tensor  # (B, L')
     position_ids: torch.Tensor  # (B, L') or (3, B, L')
     stats: list[dict[str, Any]]
-    segments: list[
-        list[SegmentSlots]
-    ]  # per sample: its image segments' kept visual tokens, in (B, L') coordinates
+    #: per sample: its image segments' kept visual tokens, in (B, L') coordinates
+    segments: list[list[SegmentSlots]]
 
 
 class Pipeline:
@@ -136,12 +135,12 @@ class Pipeline:
                     feats = features[image_index].to(embeds.dtype)  # (N_i, D)
                     image_slots = slots[offset : offset + feats.shape[0]]
                     image_signals = signals[image_index] if signals is not None else None
-                    for seg_slots in self._reduce_image(
+                    image_kept = self._reduce_image(
                         inputs, b, i, image_index, feats, image_signals, image_slots, embeds, keep
-                    ):
-                        kept_slots[b].append((i, seg_slots))
+                    )
+                    kept_slots[b].extend((i, seg_slots) for seg_slots in image_kept)
                     stats[b]["visual_tokens"].append(int(feats.shape[0]))
-                    stats[b]["visual_kept"].append(sum(int(s.numel()) for j, s in kept_slots[b] if j == i))
+                    stats[b]["visual_kept"].append(sum(int(s.numel()) for s in image_kept))
                     offset += feats.shape[0]
                     image_index += 1
                 if offset != slots.numel():
@@ -174,7 +173,7 @@ class Pipeline:
         """Every image's visual tokens, and, for methods that need them, their vision-attention signals (N_i, C):
         channel 0 the attention received in the vision feature layer, the rest the head-averaged keys."""
         model, adapter = self.backbone.model, self.backbone.adapter
-        if not getattr(self.method, "needs_vision_attention", False):
+        if not (isinstance(self.method, VisualTokenMethod) and self.method.needs_vision_attention):
             return adapter.image_features(model, inputs), None
         recorded: list[torch.Tensor] = []
         queries = "first" if adapter.vision_cls_token else "all"
@@ -248,7 +247,7 @@ class Pipeline:
             stats = {**pre.stats[b], "new_tokens": len(sample)}
             # what every decoder layer saw: the prompt after the method, or FastV's full-then-short sequence
             if pruning is not None:
-                stats["visual_kept"] = pruning.kept[b] or stats["visual_kept"]
+                stats["visual_kept"] = pruning.kept[b]
                 stats["layer_tokens"] = pruning.layer_tokens(b)
                 stats["layer_visual"] = pruning.layer_visual(b)
             else:

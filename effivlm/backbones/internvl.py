@@ -59,8 +59,14 @@ class InternVLAdapter(FamilyAdapter):
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         ).pooler_output  # (num_tiles, tokens_per_tile, D)
-        # The processor does not return tiles per image; each image is one run of context tokens between
-        # <img> and </img>, so the runs' lengths give them.
+        return self._per_image(model, inputs, tiles)
+
+    def _per_image(self, model, inputs: dict[str, Any], tiles: torch.Tensor) -> list[torch.Tensor]:
+        """(tiles, tokens per tile, ...) -> one (tokens, ...) tensor per image.
+
+        The processor does not return tiles per image; each image is one run of context tokens between
+        <img> and </img>, so the runs' lengths give them.
+        """
         is_image = inputs["input_ids"] == self.image_token_id(model)
         per_image = [n // tiles.shape[1] for row in is_image for n in contiguous_runs(row)]
         return [t.flatten(0, 1) for t in torch.split(tiles, per_image)]
@@ -82,9 +88,7 @@ class InternVLAdapter(FamilyAdapter):
         )
         group = shuffled.shape[-1] // channels
         per_tile = merge_patch_signals(shuffled.reshape(tiles, -1, group, channels))  # (tiles, N_tile, C)
-        is_image = inputs["input_ids"] == self.image_token_id(model)
-        per_image = [n // per_tile.shape[1] for row in is_image for n in contiguous_runs(row)]
-        return [t.flatten(0, 1) for t in torch.split(per_tile, per_image)]
+        return self._per_image(model, inputs, per_tile)
 
     def image_segments(self, model, inputs: dict[str, Any], image_index: int, n_tokens: int) -> list[Segment]:
         per_tile = self.tokens_per_tile(model)
