@@ -360,3 +360,14 @@ def test_fastv_layer_is_checked_against_a_local_checkpoint_depth(tmp_path: Path)
     # a checkpoint that is not there yet (still downloading, on another machine) is checked by the job itself
     cfg["models"]["q"]["path"] = str(tmp_path / "absent")
     assert load_config(cfg)["methods"]["fastv"]["params"] == {"layer": 2}
+
+
+def test_a_method_that_cannot_serve_a_family_fails_before_any_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    from effivlm.methods.tokens.fastv import FastV
+
+    monkeypatch.setattr(FastV, "families", frozenset({"internvl", "llava_onevision"}))
+    cfg = with_(methods={"dense": {}, "fastv": {"budgets": [0.1]}})
+    assert error_of(cfg) == (
+        "config: methods.fastv: method 'fastv' cannot serve family 'qwen2_vl'; "
+        "it serves: internvl, llava_onevision (model 'tiny')"
+    )
