@@ -92,7 +92,10 @@ def attention_probabilities(
     head j reads key head j // (H / KVH)). As in eager attention, the logits are computed in the inputs' dtype
     and the softmax in float32. ``causal``: query i (of the last q of k positions) sees keys up to k - q + i.
     ``key_valid`` (B, k) bool masks padding keys. ``rows``: query indices to compute (default all). Yields
-    (row indices (c,), probs (B, H, c, k)); a padding query, which sees no valid key, gets all-zero probabilities.
+    (row indices (c,), probs (B, H, c, w)); a padding query, which sees no valid key, gets all-zero probabilities.
+    Without ``causal`` w = k; with it, w is one past the last key the chunk's rows can see, so a chunk computes
+    only the keys left of the diagonal (about half the work over all rows) and the keys from w on have
+    probability zero.
     """
     b, h, q, d = query.shape
     kvh, k = key.shape[1], key.shape[2]
@@ -110,16 +113,12 @@ def attention_probabilities(
         # a view when every row is scored, a gather otherwise
         picked = query[:, :, start : start + chunk] if every_row else query[:, :, idx]
         grouped = picked.reshape(b, kvh, group, idx.numel(), d)
-        # (B, H, c, k): a fresh tensor, so the softmax below can run in place
-        probs = torch.matmul(grouped, keys_t).reshape(b, h, idx.numel(), k).float()
+        width = min(k, int(idx.max()) + (k - q) + 1) if causal else k
+        # (B, H, c, w): a fresh tensor, so the softmax below can run in place
+        probs = torch.matmul(grouped, keys_t[..., :width]).reshape(b, h, idx.numel(), width).float()
         probs.mul_(scale)
         if masked:
-            allowed = torch.ones(b, 1, idx.numel(), k, dtype=torch.bool, device=query.device)
-            if causal:
-                last_key = idx + (k - q)  # (c,)
-                allowed = allowed & (torch.arange(k, device=query.device)[None, :] <= last_key[:, None])
-            if key_valid is not None:
-                allowed = allowed & key_valid[:, None, None, :].bool()
+            allowed = visible_keys(idx, q, k, width, causal, key_valid)
             probs.masked_fill_(~allowed, float("-inf"))
         # softmax in place (a chunk of logits is the largest tensor here): subtract the row max, exp, normalise
         row_max = probs.amax(dim=-1, keepdim=True)
@@ -128,6 +127,19 @@ def attention_probabilities(
         probs.sub_(row_max).exp_()
         probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(probs.dtype).tiny))
         yield idx, probs
+
+
+def visible_keys(
+    rows: torch.Tensor, q: int, k: int, width: int, causal: bool, key_valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Which of the first ``width`` keys each query row of ``rows`` may attend to: (B or 1, 1, c, width) bool."""
+    allowed = torch.ones(1, 1, rows.numel(), width, dtype=torch.bool, device=rows.device)
+    if causal:
+        last_key = rows + (k - q)  # (c,)
+        allowed = allowed & (torch.arange(width, device=rows.device)[None, :] <= last_key[:, None])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :width].bool()
+    return allowed
 
 
 def received_attention(
@@ -165,7 +177,8 @@ def received_attention(
         query, key, scaling=scaling, causal=causal, key_valid=key_valid, rows=rows, chunk=chunk
     ):
         w = weight[:, idx.to(weight.device)]  # (B, c)
-        total += torch.matmul(w[:, None, None, :], probs).sum(dim=(1, 2))  # weighted sum over heads and rows
+        # weighted sum over heads and rows
+        total[:, : probs.shape[-1]] += torch.matmul(w[:, None, None, :], probs).sum(dim=(1, 2))
         count += w.sum(-1) * h
     return total / count.clamp_min(1.0)[:, None]
 
@@ -173,3 +186,45 @@ def received_attention(
 def head_mean_keys(key: torch.Tensor) -> torch.Tensor:
     """Keys averaged over heads, (B, KVH, k, d) -> (B, k, d) float32: the similarity metric of token merging."""
     return key.float().mean(dim=1)
+
+
+def attention_column_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    row_weight: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    causal: bool = True,
+    key_valid: torch.Tensor | None = None,
+    sparsity_threshold: float | None = None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention each key receives from the weighted query rows, per query head: ((B, H, k) float32, sparsity).
+
+    ``row_weight`` (B, q): each query row's weight in each sample (0 leaves it out); only rows weighted in some
+    sample are computed, a chunk at a time. With ``sparsity_threshold`` t, ``sparsity`` (B,) is the share of the
+    weighted rows' visible entries whose probability is below t times their row's maximum, averaged over heads
+    (VL-Cache's measure); otherwise None.
+    """
+    b, h, q, _ = query.shape
+    k = key.shape[2]
+    chosen = row_weight.ne(0)  # (B, q)
+    rows = chosen.any(dim=0).nonzero().squeeze(-1)
+    sums = torch.zeros(b, h, k, dtype=torch.float32, device=query.device)
+    below = torch.zeros(b, h, dtype=torch.float32, device=query.device)
+    visible = torch.zeros(b, dtype=torch.float32, device=query.device)
+    weight = row_weight.float()
+    for idx, probs in attention_probabilities(
+        query, key, scaling=scaling, causal=causal, key_valid=key_valid, rows=rows, chunk=chunk
+    ):
+        width = probs.shape[-1]
+        w = weight[:, idx]  # (B, c)
+        sums[..., :width] += torch.matmul(w[:, None, None, :], probs).squeeze(-2)
+        if sparsity_threshold is not None:
+            allowed = visible_keys(idx, q, k, width, causal, key_valid) & chosen[:, idx][:, None, :, None]
+            cut = probs.amax(dim=-1, keepdim=True) * sparsity_threshold
+            below += ((probs < cut) & allowed).sum(dim=(-2, -1)).float()
+            visible += allowed[:, 0].sum(dim=(-2, -1)).float()
+    if sparsity_threshold is None:
+        return sums, None
+    return sums, (below / visible.clamp_min(1.0)[:, None]).mean(dim=-1)

@@ -17,8 +17,9 @@ from transformers import DynamicCache
 
 from effivlm.attention import head_mean_keys, probe_attention, received_attention
 from effivlm.backbones.loading import Backbone, load_backbone
+from effivlm.kv_cache import KVCompression, entry_bytes
 from effivlm.layer_pruning import LayerPruning, SegmentSlots, repack_left
-from effivlm.methods import Method, SegmentContext, VisualTokenMethod, build_method
+from effivlm.methods import KVCacheMethod, Method, SegmentContext, VisualTokenMethod, build_method
 from effivlm.methods.base import LayerTokenMethod
 
 
@@ -44,6 +45,14 @@ class Prefill:
     stats: list[dict[str, Any]]
     #: per sample: its image segments' kept visual tokens, in (B, L') coordinates
     segments: list[list[SegmentSlots]]
+
+    def image_mask(self) -> torch.Tensor:
+        """(B, L') bool: the prefill entries that are visual tokens."""
+        mask = torch.zeros(self.attention_mask.shape, dtype=torch.bool, device=self.attention_mask.device)
+        for b, segments in enumerate(self.segments):
+            for seg in segments:
+                mask[b, seg.slots.to(mask.device)] = True
+        return mask
 
 
 class Pipeline:
@@ -225,7 +234,18 @@ class Pipeline:
         tokenizer = self.backbone.processor.tokenizer
         pre = self.prefill_inputs(self.encode(prompts))
         with ExitStack() as scope:
-            pruning = None
+            pruning = kv = None
+            if isinstance(self.method, KVCacheMethod):
+                kv = scope.enter_context(
+                    KVCompression(
+                        adapter.decoder_layers(model),
+                        adapter.self_attention,
+                        self.method,
+                        pre.attention_mask,
+                        pre.image_mask(),
+                        adapter.text_config(model)._attn_implementation,
+                    )
+                )
             if isinstance(self.method, LayerTokenMethod):
                 pruning = scope.enter_context(
                     LayerPruning(
@@ -237,7 +257,7 @@ class Pipeline:
                         adapter.text_config(model)._attn_implementation,
                     )
                 )
-            tokens = self._decode(pre, max_new_tokens, pruning)
+            tokens, layer_bytes = self._decode(pre, max_new_tokens, pruning, kv)
         eos = tokenizer.eos_token_id
         n_layers = len(adapter.decoder_layers(model))
         results = []
@@ -253,11 +273,18 @@ class Pipeline:
             else:
                 stats["layer_tokens"] = [stats["prefill_tokens"]] * n_layers
                 stats["layer_visual"] = [sum(stats["visual_kept"])] * n_layers
+            # the prompt's KV cache after the prefill (and compression), against the uncompressed prompt's
+            stats["kv_tokens"] = kv.kv_tokens(b) if kv is not None else list(stats["layer_tokens"])
+            stats["kv_bytes"] = sum(t * e for t, e in zip(stats["kv_tokens"], layer_bytes, strict=True))
+            stats["kv_bytes_dense"] = stats["prompt_tokens"] * sum(layer_bytes)
             results.append(Generation(text=text, stats=stats))
         return results
 
-    def _decode(self, pre: Prefill, max_new_tokens: int, pruning: LayerPruning | None) -> list[list[int]]:
-        """Prefill then greedy decoding; the new tokens of every sample, eos included."""
+    def _decode(
+        self, pre: Prefill, max_new_tokens: int, pruning: LayerPruning | None, kv: KVCompression | None
+    ) -> tuple[list[list[int]], list[int]]:
+        """Prefill then greedy decoding: the new tokens of every sample, eos included, and the bytes one prompt
+        token takes in each layer's cache."""
         model, adapter = self.backbone.model, self.backbone.adapter
         language_model, lm_head = adapter.language_model(model), adapter.lm_head(model)
         embed = adapter.input_embeddings(model)
@@ -271,11 +298,14 @@ class Pipeline:
         )
         if pruning is not None:
             pruning.finish_prefill()
+        mask = pre.attention_mask
+        if kv is not None:
+            mask = kv.compress(cache)
+        layer_bytes = entry_bytes(cache)
         # next position of every sample: one past the largest position of its prompt, on every rope axis
         valid = pre.attention_mask.bool()
         pos = pre.position_ids if pre.position_ids.ndim == 3 else pre.position_ids[None]
         next_pos = pos.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # (B,)
-        mask = pre.attention_mask
         eos = self.backbone.processor.tokenizer.eos_token_id
         batch = pre.attention_mask.shape[0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -299,4 +329,4 @@ class Pipeline:
                 past_key_values=cache,
                 use_cache=True,
             )
-        return tokens
+        return tokens, layer_bytes

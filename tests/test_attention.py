@@ -77,7 +77,10 @@ def left_padding(b, length, pads):
 def all_probabilities(query, key, **kwargs):
     """Concatenate the chunks of ``attention_probabilities``, checking they come in row order."""
     rows, chunks = zip(*attention_probabilities(query, key, **kwargs), strict=True)
-    return torch.cat(rows), torch.cat(chunks, dim=2)
+    k = key.shape[2]
+    # causal chunks stop at their last visible key: the keys right of it have probability zero
+    full = [torch.nn.functional.pad(c, (0, k - c.shape[-1])) for c in chunks]
+    return torch.cat(rows), torch.cat(full, dim=2)
 
 
 # ---------------------------------------------------------------------------- score math
@@ -159,6 +162,14 @@ def test_chunks_smaller_than_the_queries_give_the_same_rows(chunk):
     torch.testing.assert_close(chunked, one, atol=1e-7, rtol=1e-6)
     sizes = [idx.numel() for idx, _ in attention_probabilities(query, key, chunk=chunk)]
     assert sizes == [min(chunk, 10 - s) for s in range(0, 10, chunk)]
+
+
+def test_causal_chunks_compute_only_the_keys_left_of_the_diagonal():
+    query, key = random_qk(q=10, k=12)
+    widths = [p.shape[-1] for _, p in attention_probabilities(query, key, causal=True, chunk=4)]
+    assert widths == [2 + 4, 2 + 8, 12]
+    widths = [p.shape[-1] for _, p in attention_probabilities(query, key, causal=False, chunk=4)]
+    assert widths == [12, 12, 12]
 
 
 def test_chosen_rows_only():

@@ -131,3 +131,101 @@ class LayerTokenMethod(Method):
     def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         """Sorted indices of the ``k`` highest of one segment's ``scores`` (N,)."""
         return torch.topk(scores, k).indices.sort().values
+
+
+def kv_capacity(budget: float, length: int) -> int:
+    """Cache entries a layer keeps of an ``length``-token prompt at budget ``budget``: max(1, floor(budget * L)).
+
+    The product is rounded to 9 decimals first so that 0.1 * 30 keeps 3, not 2.
+    """
+    return min(length, max(1, int(round(budget * length, 9))))
+
+
+@dataclass(frozen=True)
+class KVContext:
+    """What a KV-cache method may know of one layer's prompt cache for one sample (padding removed)."""
+
+    keys: torch.Tensor  # (KVH, L, d) post-rope keys, as stored in the cache
+    values: torch.Tensor  # (KVH, L, d)
+    #: attention each entry received from the method's query rows, summed over them and over each KV head's
+    #: group of query heads, float32 (KVH, L); None for methods that need no scores
+    scores: torch.Tensor | None
+    is_image: torch.Tensor  # (L,) bool: the entry is a visual token
+    capacity: int  # entries this layer keeps, window included
+    window: int  # most recent entries always kept
+    layer_index: int
+
+
+@dataclass(frozen=True)
+class KVSelection:
+    """What a KV-cache method keeps of one layer: ``indices`` (KVH, k), sorted per head, into the prompt's L
+    entries; a merging method also returns the kept entries' new ``keys`` and ``values`` (KVH, k, d)."""
+
+    indices: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class KVCacheMethod(Method):
+    """Compresses the prompt's KV cache once, at the end of the prefill; decoding appends to the kept entries.
+
+    ``budget``: share of the prompt's L entries each layer keeps on average (capacity max(1, floor(budget * L)));
+    ``window``: share of the capacity given to the most recent entries. ``query_rows`` says whose attention the
+    engine sums into ``KVContext.scores``: ``none``, ``all`` (every prompt token), ``window`` (the last
+    ``window`` tokens, SnapKV's observation window) or ``post_vision`` (the tokens after the last image token).
+    """
+
+    window: float = 0.1
+
+    kind: ClassVar[str] = "kv"
+    query_rows: ClassVar[str] = "none"
+    #: VL-Cache: the engine also measures each layer's attention sparsity over the query rows
+    needs_sparsity: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.window, bool) or not isinstance(self.window, int | float):
+            raise ValueError(f"method '{self.name}': window must be a number in [0, 1], got {self.window!r}")
+        if not 0.0 <= float(self.window) <= 1.0:
+            raise ValueError(
+                f"method '{self.name}': window {self.window} is larger than the budget "
+                "(it is a share of the budget, in [0, 1])"
+                if self.window > 1
+                else f"method '{self.name}': window {self.window} is outside [0, 1]"
+            )
+
+    def capacity(self, length: int) -> int:
+        return kv_capacity(self.budget, length)
+
+    def window_size(self, capacity: int) -> int:
+        """Recent entries kept out of ``capacity``: floor(window * capacity), at least one when window > 0."""
+        if self.window == 0:
+            return 0
+        return min(capacity, max(1, int(round(self.window * capacity, 9))))
+
+    def layer_capacities(self, length: int, n_layers: int, sparsity: list[float] | None) -> list[int]:
+        """Entries each layer keeps of an ``length``-token prompt (uniform unless a method allocates)."""
+        return [self.capacity(length)] * n_layers
+
+    def query_mask(self, is_image: torch.Tensor) -> torch.Tensor | None:
+        """Which of one sample's L prompt tokens (``is_image`` (L,) bool) count as queries for the scores."""
+        length = is_image.shape[0]
+        if self.query_rows == "none":
+            return None
+        if self.query_rows == "all":
+            return torch.ones(length, dtype=torch.bool, device=is_image.device)
+        if self.query_rows == "window":
+            rows = torch.zeros(length, dtype=torch.bool, device=is_image.device)
+            rows[length - max(1, self.window_size(self.capacity(length))) :] = True
+            return rows
+        if self.query_rows == "post_vision":
+            images = is_image.nonzero()
+            start = int(images[-1]) + 1 if images.numel() and int(images[-1]) + 1 < length else 0
+            rows = torch.zeros(length, dtype=torch.bool, device=is_image.device)
+            rows[start:] = True
+            return rows
+        raise ValueError(f"method '{self.name}': unknown query_rows {self.query_rows!r}")
+
+    def select(self, ctx: KVContext) -> KVSelection:
+        raise NotImplementedError

@@ -1,0 +1,194 @@
+"""KV-cache compression (StreamingLLM, H2O, SnapKV and kin): the prompt's cache really shrinks, under sdpa.
+
+During the prefill, probes on every decoder layer's attention (only for methods that need scores) sum the
+attention each prompt entry receives from the method's query rows, a chunk of rows at a time, and, for
+VL-Cache, measure the layer's attention sparsity. When the prefill ends, ``compress`` asks the method which
+entries each layer keeps, per sample, and replaces every layer's keys and values in the transformers cache by
+just those entries (left-padded across the batch when samples keep different counts). Layers may keep
+different counts (PyramidKV, VL-Cache), so during decoding a pre-hook on each decoder layer hands it the mask
+over its own cache. Decode positions come from the uncompressed prompt (the engine passes them explicitly, the
+3-D rope of the Qwen-VL families included), never from the cache length. At budget 1.0 nothing is probed,
+hooked or replaced, so dense outputs are reproduced exactly. Leaving the context removes every hook and probe.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Cache
+
+from effivlm.attention import attention_column_sums, probe_attention
+from effivlm.layer_pruning import layer_mask, repack_left
+from effivlm.methods.base import KVCacheMethod, KVContext
+from effivlm.methods.kv.vlcache import SPARSITY_THRESHOLD
+
+
+def entry_bytes(cache: Cache) -> list[int]:
+    """Bytes one cached token takes in each layer: its key and value over every KV head."""
+    return [
+        layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
+        + layer.values.shape[1] * layer.values.shape[-1] * layer.values.element_size()
+        for layer in cache.layers
+    ]
+
+
+class KVCompression:
+    """Compresses the prompt's KV cache with ``method`` at the end of the prefill.
+
+    ``valid`` (B, L): the prefill's attention mask (left padding); ``is_image`` (B, L): visual-token entries.
+    Use as a context around the prefill forward and the decode steps; call ``compress`` between them.
+    """
+
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        attention_of: Any,
+        method: KVCacheMethod,
+        valid: torch.Tensor,
+        is_image: torch.Tensor,
+        implementation: str,
+    ) -> None:
+        self.layers, self.attention_of, self.method = layers, attention_of, method
+        self.valid = valid.bool()
+        self.is_image = is_image.bool() & self.valid
+        self.implementation = implementation
+        self.active = method.budget < 1.0
+        self.lengths = self.valid.sum(dim=1).tolist()
+        n = len(layers)
+        self.scores: list[torch.Tensor | None] = [None] * n  # (B, KVH, L) per layer
+        self.sparsity: list[torch.Tensor | None] = [None] * n  # (B,) per layer
+        self.layer_valid: list[torch.Tensor] | None = None  # (B, k_l) per layer, after compression
+        self.kept: list[list[int]] = [[length] * n for length in self.lengths]  # entries per sample and layer
+        self.in_prefill = True
+        self._row_weight = self._query_rows()
+        self._stack: ExitStack | None = None
+
+    def _query_rows(self) -> torch.Tensor | None:
+        """(B, L) 0/1 weights of the query rows whose attention the method's scores sum."""
+        if self.method.query_rows == "none":
+            return None
+        rows = []
+        for b, length in enumerate(self.lengths):
+            mask = self.method.query_mask(self.is_image[b, self.valid.shape[1] - length :])
+            assert mask is not None
+            rows.append(mask.float())
+        return repack_left(rows, 0.0)
+
+    def __enter__(self) -> KVCompression:
+        stack = ExitStack()
+        if self.active and self._row_weight is not None:
+            modules = [self.attention_of(layer) for layer in self.layers]
+            index = {id(m): i for i, m in enumerate(modules)}
+            stack.enter_context(probe_attention(modules, partial(self._score, index)))
+        if self.active:
+            for i, layer in enumerate(self.layers):
+                hook = partial(self._pre_hook, i)
+                stack.callback(layer.register_forward_pre_hook(hook, with_kwargs=True).remove)
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stack is not None
+        self._stack.close()
+
+    # ------------------------------------------------------------------ prefill
+    def _score(self, index: dict[int, int], module, query, key, attention_mask, kwargs) -> None:
+        if not self.in_prefill:
+            return
+        assert self._row_weight is not None
+        sums, sparsity = attention_column_sums(
+            query,
+            key,
+            self._row_weight.to(query.device),
+            scaling=kwargs.get("scaling"),
+            causal=True,
+            key_valid=self.valid,
+            sparsity_threshold=SPARSITY_THRESHOLD if self.method.needs_sparsity else None,
+        )
+        b, h, length = sums.shape
+        kv_heads = key.shape[1]
+        layer = index[id(module)]
+        self.scores[layer] = sums.view(b, kv_heads, h // kv_heads, length).sum(dim=2)  # GQA groups summed
+        self.sparsity[layer] = sparsity
+
+    def compress(self, cache: Cache) -> torch.Tensor:
+        """Cut every layer's prompt cache to what the method keeps; returns the 2-D mask over layer 0's cache."""
+        self.in_prefill = False
+        if not self.active:
+            return self.valid.long()
+        if len(cache.layers) != len(self.layers):
+            raise RuntimeError(f"the cache has {len(cache.layers)} layers, the model {len(self.layers)}")
+        for i, layer in enumerate(cache.layers):
+            if getattr(layer, "is_sliding", False):
+                raise ValueError(
+                    f"layer {i} uses a sliding-window cache, which KV-cache methods do not support"
+                )
+            if self.method.query_rows != "none" and self.scores[i] is None:
+                raise RuntimeError(f"layer {i} never ran its attention during the prefill")
+        n = len(self.layers)
+        padded = self.valid.shape[1]
+        capacities = []
+        for b, length in enumerate(self.lengths):
+            sparsity = None
+            if self.method.needs_sparsity:
+                sparsity = [float(s[b]) for s in self.sparsity if s is not None]
+            capacities.append(self.method.layer_capacities(length, n, sparsity))
+        self.layer_valid = []
+        for i, layer in enumerate(cache.layers):
+            keys, values = [], []
+            for b, length in enumerate(self.lengths):
+                start = padded - length
+                window = self.method.window_size(self.method.capacity(length))
+                scores = self.scores[i]
+                ctx = KVContext(
+                    keys=layer.keys[b, :, start:],
+                    values=layer.values[b, :, start:],
+                    scores=scores[b, :, start:] if scores is not None else None,
+                    is_image=self.is_image[b, start:],
+                    capacity=min(capacities[b][i], length),
+                    window=min(window, capacities[b][i], length),
+                    layer_index=i,
+                )
+                chosen = self.method.select(ctx)
+                index = chosen.indices.to(layer.keys.device)
+                dim = layer.keys.shape[-1]
+                gather = index[..., None].expand(-1, -1, dim)
+                k = chosen.keys if chosen.keys is not None else ctx.keys.gather(1, gather)
+                v = chosen.values if chosen.values is not None else ctx.values.gather(1, gather)
+                keys.append(k.transpose(0, 1))  # (k, KVH, d) for left repacking
+                values.append(v.transpose(0, 1))
+                self.kept[b][i] = int(index.shape[1])
+            layer.keys = repack_left(keys, 0.0).transpose(1, 2).contiguous()
+            layer.values = repack_left(values, 0.0).transpose(1, 2).contiguous()
+            self.layer_valid.append(
+                repack_left([self.valid.new_ones(self.kept[b][i]) for b in range(len(self.lengths))], False)
+            )
+        self.scores = [None] * n  # not needed any more
+        return self.layer_valid[0].long()
+
+    # ------------------------------------------------------------------ decoding
+    def _pre_hook(self, index: int, module, args, kwargs):
+        if self.in_prefill or self.layer_valid is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q_len = hidden.shape[1]
+        cached = kwargs["past_key_values"].layers[index].keys.shape[-2]
+        valid = self.layer_valid[index]
+        grown = valid.new_ones(hidden.shape[0], cached + q_len - valid.shape[1])
+        mask = layer_mask(
+            torch.cat([valid, grown], dim=1),
+            q_len,
+            self.implementation,
+            hidden.dtype,
+            kwargs.get("attention_mask"),
+        )
+        return args, {**kwargs, "attention_mask": mask}
+
+    # ------------------------------------------------------------------ records
+    def kv_tokens(self, b: int) -> list[int]:
+        """Entries each layer's cache holds of sample b's prompt after compression."""
+        return list(self.kept[b])
