@@ -9,6 +9,7 @@ import torch
 
 from effivlm import attention as attention_module
 from effivlm.attention import (
+    attention_column_sums,
     attention_probabilities,
     head_mean_keys,
     probe_attention,
@@ -170,6 +171,49 @@ def test_causal_chunks_compute_only_the_keys_left_of_the_diagonal():
     assert widths == [2 + 4, 2 + 8, 12]
     widths = [p.shape[-1] for _, p in attention_probabilities(query, key, causal=False, chunk=4)]
     assert widths == [12, 12, 12]
+
+
+@pytest.mark.parametrize("chunk", [3, 256])
+def test_column_sums_and_sparsity_match_the_explicit_softmax(chunk):
+    query, key = random_qk(q=12, k=12, seed=3)
+    valid = left_padding(2, 12, [0, 4])
+    weight = torch.zeros(2, 12)
+    weight[0, 9:] = 1.0  # sample 0: its last three queries
+    weight[1, 4:] = 1.0  # sample 1: every valid query
+    sums, sparsity = attention_column_sums(
+        query, key, weight, causal=True, key_valid=valid, sparsity_threshold=0.2, chunk=chunk
+    )
+    probs = naive_probabilities(query, key, causal=True, key_valid=valid)  # (B, H, q, k)
+    want = (probs * weight[:, None, :, None].double()).sum(dim=2)
+    torch.testing.assert_close(sums.double(), want, atol=1e-6, rtol=1e-5)
+    for s in range(2):
+        rows = weight[s].nonzero().squeeze(-1)
+        below, seen = torch.zeros(4), 0
+        for i in rows.tolist():
+            visible = [t for t in range(12) if t <= i and bool(valid[s, t])]
+            seen += len(visible)
+            for j in range(4):
+                top = probs[s, j, i].max()
+                below[j] += sum(float(probs[s, j, i, t] < 0.2 * top) for t in visible)
+        assert float(sparsity[s]) == pytest.approx(float((below / seen).mean()), abs=1e-6)
+    assert attention_column_sums(query, key, weight, key_valid=valid)[1] is None
+
+
+def test_column_sums_compute_only_the_weighted_rows(monkeypatch):
+    query, key = random_qk(q=10, k=10)
+    weight = torch.zeros(2, 10)
+    weight[:, 8:] = 1.0
+    seen = []
+    original = attention_module.attention_probabilities
+
+    def spy(*args, **kwargs):
+        for idx, probs in original(*args, **kwargs):
+            seen.append(idx.tolist())
+            yield idx, probs
+
+    monkeypatch.setattr(attention_module, "attention_probabilities", spy)
+    attention_column_sums(query, key, weight, chunk=256)
+    assert seen == [[8, 9]]
 
 
 def test_chosen_rows_only():
