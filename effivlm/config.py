@@ -238,6 +238,18 @@ def _check_methods(cfg: dict[str, Any]) -> None:
                     f"{where}.params.{key}",
                     f"expected {allowed[key].__name__}, got {_json_type(value)} {value!r}",
                 )
+        models = list(cfg["models"])
+        for i, model in enumerate(spec.get("models", [])):
+            if model not in models:
+                raise ConfigError(
+                    f"{where}.models[{i}]",
+                    f"unknown model '{model}'{closest_hint(model, models)}; known: {', '.join(models)}",
+                )
+        if name == DENSE and "models" in spec:
+            raise ConfigError(
+                f"{where}.models", "dense runs on every model: it is the reference of ratios and loyalty"
+            )
+        spec.setdefault("models", models)
         if name == DENSE:
             dense_variants.append(variant)
             spec.setdefault("budgets", [1.0])
@@ -297,7 +309,8 @@ def _check_method_models(cfg: dict[str, Any]) -> None:
                 method = build_method(spec["method"], budget, spec["params"])
             except ValueError as err:
                 raise ConfigError(f"{where}.params", str(err)) from None
-            for model, mspec in cfg["models"].items():
+            for model in spec["models"]:
+                mspec = cfg["models"][model]
                 try:
                     method.check_family(mspec["family"])
                     depth = _text_layers(mspec)
@@ -430,6 +443,7 @@ def eval_jobs(cfg: Mapping[str, Any]) -> list[Job]:
         Job(model, variant, float(budget), task)
         for model in cfg["models"]
         for variant, spec in cfg["methods"].items()
+        if model in spec["models"]
         for budget in spec["budgets"]
         for task in cfg["tasks"]
     ]

@@ -66,7 +66,7 @@ def test_defaults_are_filled() -> None:
     assert cfg["batch_size"] == 16 and cfg["max_new_tokens"] == 8 and cfg["limit"] is None
     assert cfg["synthetic"] == {"tasks": ["color", "count"], "image_size": 64, "n_train": 4000, "n_test": 300}
     assert cfg["models"]["tiny"]["train"] == {"steps": 3000, "batch_size": 32, "lr": 0.002, "prebuilt": True}
-    assert cfg["methods"]["dense"] == {"method": "dense", "budgets": [1.0], "params": {}}
+    assert cfg["methods"]["dense"] == {"method": "dense", "budgets": [1.0], "params": {}, "models": ["tiny"]}
     assert cfg["methods"]["random"]["method"] == "random"
 
 
@@ -326,6 +326,50 @@ def test_lmms_tasks_may_carry_their_lmms_eval_name() -> None:
             "config: methods.pm.params: method 'prumerge_plus': neighbours must be an integer >= 1, got 0",
             id="prumerge-neighbours-zero",
         ),
+        # KV-cache methods: budget, window, pooling kind, an option the method does not have
+        pytest.param(
+            with_(methods={"dense": {}, "snapkv": {"budgets": [1.5]}}),
+            "config: methods.snapkv.budgets[0]: 1.5 is outside (0, 1]",
+            id="kv-budget-above-one",
+        ),
+        pytest.param(
+            with_(methods={"dense": {}, "snapkv": {"budgets": [0.0]}}),
+            "config: methods.snapkv.budgets[0]: 0.0 is outside (0, 1]",
+            id="kv-budget-zero",
+        ),
+        pytest.param(
+            with_(methods={"dense": {}, "h2o": {"budgets": [0.1], "params": {"window": 1.2}}}),
+            "config: methods.h2o.params: method 'h2o': window 1.2 is larger than the budget",
+            id="kv-window-larger-than-budget",
+        ),
+        pytest.param(
+            with_(methods={"dense": {}, "snapkv": {"budgets": [0.1], "params": {"pooling": "mean"}}}),
+            "config: methods.snapkv.params: method 'snapkv': unknown pooling kind 'mean'; allowed: avg, max",
+            id="kv-unknown-pooling",
+        ),
+        pytest.param(
+            with_(
+                methods={"dense": {}, "streamingllm": {"budgets": [0.1], "params": {"head_adaptive": True}}}
+            ),
+            "config: methods.streamingllm.params.head_adaptive: unknown parameter 'head_adaptive' for method "
+            "'streamingllm'; allowed: window",
+            id="kv-option-the-method-lacks",
+        ),
+        pytest.param(
+            with_(methods={"dense": {}, "h2o": {"budgets": [0.1], "params": {"head_adaptive": "yes"}}}),
+            "config: methods.h2o.params.head_adaptive: expected bool, got string 'yes'",
+            id="kv-option-wrong-type",
+        ),
+        pytest.param(
+            with_(methods={"dense": {}, "h2o": {"budgets": [0.1], "models": ["tiny", "tinyy"]}}),
+            "config: methods.h2o.models[1]: unknown model 'tinyy' (did you mean 'tiny'?); known: tiny",
+            id="variant-on-unknown-model",
+        ),
+        pytest.param(
+            with_(methods={"dense": {"models": ["tiny"]}}),
+            "config: methods.dense.models: dense runs on every model",
+            id="dense-restricted",
+        ),
     ],
 )
 def test_bad_configs_fail_with_one_line(cfg: Any, expected: str) -> None:
@@ -371,3 +415,16 @@ def test_a_method_that_cannot_serve_a_family_fails_before_any_job(monkeypatch: p
         "config: methods.fastv: method 'fastv' cannot serve family 'qwen2_vl'; "
         "it serves: internvl, llava_onevision (model 'tiny')"
     )
+
+
+def test_a_variant_runs_only_on_its_models() -> None:
+    models = {
+        "a": {"family": "qwen2_vl", "source": "embedded"},
+        "b": {"family": "internvl", "source": "embedded"},
+    }
+    methods = {"dense": {}, "h2o": {"budgets": [0.1, 0.4], "models": ["b"]}}
+    cfg = load_config(with_(models=models, methods=methods))
+    jobs = eval_jobs(cfg)
+    assert {(j.model, j.variant) for j in jobs} == {("a", "dense"), ("b", "dense"), ("b", "h2o")}
+    assert len(jobs) == (2 + 2) * 2
+    assert cfg["methods"]["dense"]["models"] == ["a", "b"]

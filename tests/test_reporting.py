@@ -373,8 +373,59 @@ def test_methods_losing_to_pooling_show_a_negative_margin() -> None:
             rows.append({"model": model, "method": "fastv", "budget": 0.4, "task": task, "ratio": 0.9})
     metrics = pd.DataFrame(rows).assign(score=lambda d: d["ratio"], loyalty=1.0)
     summary = build_summary_table(metrics)
-    assert row(summary, model="m1", method="fastv", budget=0.1)["OP_vs_pool"] == pytest.approx(0.6 - 0.8)
-    assert row(summary, model="overall", method="fastv", budget=0.1)["OP_vs_pool"] == pytest.approx(-0.2)
-    assert row(summary, model="m2", method="pool", budget=0.1)["OP_vs_pool"] == 0.0
-    assert math.isnan(row(summary, model="m1", method="fastv", budget=0.4)["OP_vs_pool"])  # no pool at 0.4
-    assert "| OP - pool |" in summary_markdown(summary) and "-0.200" in summary_markdown(summary)
+    assert row(summary, model="m1", method="fastv", budget=0.1)["OP_vs_baseline"] == pytest.approx(0.6 - 0.8)
+    assert row(summary, model="overall", method="fastv", budget=0.1)["OP_vs_baseline"] == pytest.approx(-0.2)
+    assert row(summary, model="m2", method="pool", budget=0.1)["OP_vs_baseline"] == 0.0
+    assert math.isnan(
+        row(summary, model="m1", method="fastv", budget=0.4)["OP_vs_baseline"]
+    )  # no pool at 0.4
+    assert row(summary, model="m1", method="fastv", budget=0.1)["baseline"] == "pool"
+    assert "| OP - baseline |" in summary_markdown(summary) and "-0.200" in summary_markdown(summary)
+
+
+def test_kv_methods_are_measured_against_random_eviction_and_report_the_cache_they_keep() -> None:
+    rows = []
+    for task in ("t1", "t2"):
+        rows.append({"model": "m", "method": "dense", "budget": 1.0, "task": task, "ratio": 1.0})
+        rows.append({"model": "m", "method": "pool", "budget": 0.1, "task": task, "ratio": 0.9})
+        rows.append(
+            {
+                "model": "m",
+                "method": "rkv",
+                "method_name": "random_kv",
+                "budget": 0.1,
+                "task": task,
+                "ratio": 0.5,
+            }
+        )
+        rows.append(
+            {
+                "model": "m",
+                "method": "snapkv",
+                "budget": 0.1,
+                "task": task,
+                "ratio": 0.7,
+                "kv_kept_share": 0.1,
+            }
+        )
+    metrics = pd.DataFrame(rows).assign(score=lambda d: d["ratio"], loyalty=1.0)
+    metrics["method_name"] = metrics["method_name"].fillna(metrics["method"])
+    summary = build_summary_table(metrics)
+    snap = row(summary, model="m", method="snapkv", budget=0.1)
+    assert snap["baseline"] == "random_kv"
+    assert snap["OP_vs_baseline"] == pytest.approx(0.7 - 0.5)  # not against pooling's 0.9
+    assert snap["kv_kept_share"] == pytest.approx(0.1)
+    assert row(summary, model="m", method="dense", budget=1.0)["baseline"] == ""
+    assert "| KV kept |" in summary_markdown(summary)
+
+
+def test_kv_kept_share_comes_from_the_jobs_cache_bytes(tmp_path: Path) -> None:
+    dense = write_job(tmp_path, "m", "dense", 1.0, "t", 1.0, ["a", "b"])
+    comp = write_job(tmp_path, "m", "snapkv", 0.1, "t", 1.0, ["a", "b"])
+    metrics_file = comp / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["kv_cache"] = {"dense_bytes": 4000, "bytes": 400}
+    metrics_file.write_text(json.dumps(metrics))
+    r = row(build_metrics_table([dense, comp]), method="snapkv")
+    assert r["kv_kept_share"] == pytest.approx(0.1)
+    assert math.isnan(row(build_metrics_table([dense, comp]), method="dense")["kv_kept_share"])

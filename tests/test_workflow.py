@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from effivlm.methods import kept_count
+from effivlm.methods import kept_count, kv_capacity
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS_COLUMNS = ["model", "method", "budget", "task", "score", "dense_score", "ratio", "loyalty", "n"]
@@ -143,8 +143,10 @@ def test_whole_dag_on_the_test_config(tmp_path: Path) -> None:
     metrics = pd.read_csv(results / "tables" / "metrics.csv")
     missing = [c for c in METRICS_COLUMNS if c not in metrics.columns]
     assert not missing, f"metrics.csv lacks {missing}; has {list(metrics.columns)}"
-    assert len(metrics) == 2 * 2 * (1 + 2 + 1 + 1)
-    assert set(metrics["method"]) == {"dense", "random", "fastv", "visionzip"}
+    # dense, random x2, fastv, visionzip, snapkv on both models; lookm on Qwen2-VL only
+    assert len(metrics) == 2 * 2 * (1 + 2 + 1 + 1 + 1) + 2
+    assert set(metrics["method"]) == {"dense", "random", "fastv", "visionzip", "snapkv", "lookm"}
+    assert set(metrics[metrics["method"] == "lookm"]["model"]) == {"qwen2-vl-tiny"}
     dense = metrics[metrics["method"] == "dense"]
     assert len(dense) == 2 * 2
     assert (dense["loyalty"] == 1.0).all()
@@ -164,6 +166,14 @@ def test_whole_dag_on_the_test_config(tmp_path: Path) -> None:
             k = kept_count(budget, n)
             assert k < n and sample["visual_kept"] == [k]
             assert sample["layer_visual"] == [n] * first_pruned + [k] * (4 - first_pruned)
+
+    # KV-cache methods: every layer's cache keeps floor(budget * prompt length) entries, and the bytes say so
+    for variant, budget in (("snapkv", 0.1), ("lookm", 0.4)):
+        log = results / "eval" / "qwen2-vl-tiny" / variant / str(budget) / "color" / "predictions.jsonl"
+        for sample in pd.read_json(log, lines=True).to_dict("records"):
+            length = sample["prompt_tokens"]
+            assert sample["kv_tokens"] == [kv_capacity(budget, length)] * 4
+            assert sample["kv_bytes"] * length == sample["kv_bytes_dense"] * kv_capacity(budget, length)
 
     for name in FIGURES:
         for ext in ("png", "svg"):

@@ -296,6 +296,11 @@ def _write_outputs(
             "total": _sum_counts(rows, "visual_tokens"),
             "kept": _sum_counts(rows, "visual_kept"),
         },
+        # the prompts' KV cache after the prefill (and any compression), against the uncompressed prompts'
+        "kv_cache": {
+            "dense_bytes": _sum_counts(rows, "kv_bytes_dense"),
+            "bytes": _sum_counts(rows, "kv_bytes"),
+        },
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_text_atomic(

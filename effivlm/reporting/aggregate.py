@@ -77,6 +77,7 @@ METRICS_COLUMNS = [
     "flips_gained",
     "n",
     "visual_kept_share",
+    "kv_kept_share",
     "note",
     "code_version",
     "effivlm_version",
@@ -100,12 +101,15 @@ SUMMARY_COLUMNS = [
     "OL_lo",
     "OL_hi",
     "visual_kept_share",
-    "OP_vs_pool",
+    "kv_kept_share",
+    "baseline",
+    "OP_vs_baseline",
     "note",
 ]
 
-#: the budget-matched baseline every informed token method must beat (EffiVLM-Bench's pooling)
-BASELINE = "pool"
+#: per kind of method, the budget-matched baseline every informed method of that kind must beat: spatial
+#: pooling for visual-token methods (EffiVLM-Bench's), random eviction for KV-cache methods
+BASELINES = {"visual": "pool", "layer": "pool", "kv": "random_kv"}
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,28 @@ def _visual_kept_share(metrics: dict[str, Any]) -> float:
     if not isinstance(total, int | float) or not isinstance(kept, int | float) or total <= 0:
         return math.nan
     return float(kept) / float(total)
+
+
+def _kv_kept_share(metrics: dict[str, Any]) -> float:
+    kv = metrics.get("kv_cache")
+    if not isinstance(kv, dict):
+        return math.nan
+    dense, kept = kv.get("dense_bytes"), kv.get("bytes")
+    if not isinstance(dense, int | float) or not isinstance(kept, int | float) or dense <= 0:
+        return math.nan
+    return float(kept) / float(dense)
+
+
+def _baseline_of(method_name: str) -> str:
+    """The budget-matched baseline of a method's kind ("" for dense, unknown methods and the baselines' kinds
+    without one)."""
+    from effivlm.methods import METHODS
+
+    try:
+        kind = METHODS.get(method_name).kind
+    except (KeyError, ValueError):
+        return ""
+    return BASELINES.get(kind, "")
 
 
 def _predictions_by_doc(job: Job) -> dict[Any, str]:
@@ -401,6 +427,7 @@ def _metrics_and_replicates(
                 "flips_gained": gained,
                 "n": int(m.get("n", len(job.predictions))),
                 "visual_kept_share": _visual_kept_share(m),
+                "kv_kept_share": _kv_kept_share(m),
                 "note": "; ".join(n for n in notes if n),
                 "code_version": str(m.get("code_version", "")),
                 "effivlm_version": str(m.get("effivlm_version", "")),
@@ -472,6 +499,7 @@ def _summarise(group: pd.DataFrame, replicates: Replicates | None, alpha: float)
     if math.isnan(og) and group["ratio"].notna().any():
         notes.append("OG undefined (mean ratio 0)")
     share = group["visual_kept_share"].dropna()
+    kv_share = group["kv_kept_share"].dropna()
     return {
         "n_models": group["model"].nunique(),
         "n_tasks": group["task"].nunique(),
@@ -481,6 +509,7 @@ def _summarise(group: pd.DataFrame, replicates: Replicates | None, alpha: float)
         "OG": og,
         "OL": overall_loyalty(group["loyalty"]),
         "visual_kept_share": float(share.mean()) if len(share) else math.nan,
+        "kv_kept_share": float(kv_share.mean()) if len(kv_share) else math.nan,
         "note": "; ".join(notes),
         **_intervals(group, replicates, alpha),
     }
@@ -515,8 +544,9 @@ def build_summary_table(
     for col in ("family", "method_name"):
         if col not in metrics:
             metrics[col] = metrics["method"] if col == "method_name" else ""
-    if "visual_kept_share" not in metrics:
-        metrics["visual_kept_share"] = math.nan
+    for col in ("visual_kept_share", "kv_kept_share"):
+        if col not in metrics:
+            metrics[col] = math.nan
 
     rows = []
     for (model, method, budget), group in metrics.groupby(["model", "method", "budget"], sort=True):
@@ -545,12 +575,16 @@ def build_summary_table(
 
 
 def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
-    """``OP_vs_pool``: OP minus the pooling baseline's OP for the same model (or overall) and budget, so a method
-    that loses to pooling shows a negative number; NaN where no pooling run shares the budget."""
-    base = summary[summary["method_name"] == BASELINE].set_index(["model", "budget"])["OP"]
-    base = base[~base.index.duplicated()]
-    keys = pd.MultiIndex.from_frame(summary[["model", "budget"]])
-    summary["OP_vs_pool"] = summary["OP"].to_numpy() - base.reindex(keys).to_numpy()
+    """``baseline`` and ``OP_vs_baseline``: OP minus the OP of the method kind's baseline (``BASELINES``) for the
+    same model (or overall) and budget, so a method that loses to it shows a negative number; NaN where no
+    baseline run shares the budget or the method's kind has no baseline."""
+    summary["baseline"] = [_baseline_of(name) for name in summary["method_name"]]
+    base = summary[summary["method_name"] == summary["baseline"]].set_index(
+        ["method_name", "model", "budget"]
+    )
+    base = base["OP"][~base.index.duplicated()]
+    keys = pd.MultiIndex.from_frame(summary[["baseline", "model", "budget"]])
+    summary["OP_vs_baseline"] = summary["OP"].to_numpy() - base.reindex(keys).to_numpy()
     return summary
 
 
@@ -570,7 +604,9 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         ("OG", "OG"),
         ("OL", "OL (%)"),
         ("visual_kept_share", "visual kept"),
-        ("OP_vs_pool", "OP - pool"),
+        ("kv_kept_share", "KV kept"),
+        ("baseline", "baseline"),
+        ("OP_vs_baseline", "OP - baseline"),
     ]
 
     def cell(value: Any) -> str:
@@ -584,7 +620,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 
     lines = [
         "| " + " | ".join(title for _, title in columns) + " |",
-        "|" + "|".join("---" if c in ("model", "method") else "---:" for c, _ in columns) + "|",
+        "|" + "|".join("---" if c in ("model", "method", "baseline") else "---:" for c, _ in columns) + "|",
     ]
     for rec in _sort_summary(summary).to_dict("records"):
         values = [rec[c] for c, _ in columns]
