@@ -210,6 +210,8 @@ def attention_column_sums(
     k = key.shape[2]
     chosen = row_weight.ne(0)  # (B, q)
     rows = chosen.any(dim=0).nonzero().squeeze(-1)
+    if sparsity_threshold is None and causal and q == k and rows.numel() > chunk and _flash_available(query):
+        return _column_sums_by_logsumexp(query, key, row_weight, scaling, key_valid), None
     sums = torch.zeros(b, h, k, dtype=torch.float32, device=query.device)
     below = torch.zeros(b, h, dtype=torch.float32, device=query.device)
     visible = torch.zeros(b, dtype=torch.float32, device=query.device)
@@ -228,3 +230,48 @@ def attention_column_sums(
     if sparsity_threshold is None:
         return sums, None
     return sums, (below / visible.clamp_min(1.0)[:, None]).mean(dim=-1)
+
+
+def _flash_available(query: torch.Tensor) -> bool:
+    """Whether this build has the CPU flash-attention kernel that returns the log-sum-exp of each row."""
+    return query.device.type == "cpu" and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
+    )
+
+
+def _column_sums_by_logsumexp(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    row_weight: torch.Tensor,
+    scaling: float | None,
+    key_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """``attention_column_sums`` over many causal rows with two blocked flash-attention passes, no L x L tensor.
+
+    With s_ij the scaled logits and lse_i the log-sum-exp of row i, the column sum is
+    sum_i w_i exp(s_ij - lse_i) = exp(logsumexp_i(s_ij + log w_i - lse_i)): the log-sum-exp of a transposed
+    attention in which key j is the query and the rows i are the keys, each with the bias log w_i - lse_i.
+    The first pass gives lse_i; the second appends the bias to the keys as one more dimension (the queries get
+    a 1 there) and reverses both sequences, so "rows i >= j" becomes an ordinary causal mask. Each sample runs
+    on its own valid span, so left padding needs no mask.
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    b, h, q, d = query.shape
+    kvh = key.shape[1]
+    scale = d**-0.5 if scaling is None else scaling
+    sums = torch.zeros(b, h, q, dtype=torch.float32, device=query.device)
+    for s in range(b):
+        start = 0 if key_valid is None else int((~key_valid[s].bool()).sum())
+        qs = query[s : s + 1, :, start:]
+        ks = key[s : s + 1, :, start:].repeat_interleave(h // kvh, dim=1)  # (1, H, n, d)
+        n = qs.shape[2]
+        _, lse = flash(qs, ks, torch.zeros_like(ks), 0.0, True, scale=scale)  # lse (1, H, n) float32
+        w = row_weight[s, start:].float().to(query.device)
+        bias = torch.where(w > 0, torch.log(w.clamp_min(1e-30))[None, None] - lse, -1e9)  # (1, H, n)
+        # the second pass in float32: the bias (a log-sum-exp) would lose its digits in a 16-bit dtype
+        ones = torch.ones(1, h, n, 1, dtype=torch.float32, device=query.device)
+        as_queries = torch.cat([ks.float(), ones], dim=-1).flip(2)
+        as_keys = torch.cat([qs.float() * scale, bias[..., None]], dim=-1).flip(2)
+        _, lse_t = flash(as_queries, as_keys, torch.zeros_like(as_keys), 0.0, True, scale=1.0)
+        sums[s, :, start:] = lse_t.flip(-1).exp()
+    return sums

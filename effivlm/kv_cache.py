@@ -26,6 +26,10 @@ from effivlm.layer_pruning import layer_mask, repack_left
 from effivlm.methods.base import KVCacheMethod, KVContext
 from effivlm.methods.kv.vlcache import SPARSITY_THRESHOLD
 
+#: query rows per chunk of explicit attention probabilities; above this many rows (and without a sparsity
+#: measure) the CPU uses two blocked flash-attention passes instead (see ``attention_column_sums``)
+SCORE_CHUNK = 256
+
 
 def entry_bytes(cache: Cache) -> list[int]:
     """Bytes one cached token takes in each layer: its key and value over every KV head."""
@@ -108,6 +112,7 @@ class KVCompression:
             causal=True,
             key_valid=self.valid,
             sparsity_threshold=SPARSITY_THRESHOLD if self.method.needs_sparsity else None,
+            chunk=SCORE_CHUNK,
         )
         b, h, length = sums.shape
         kv_heads = key.shape[1]

@@ -199,6 +199,25 @@ def test_column_sums_and_sparsity_match_the_explicit_softmax(chunk):
     assert attention_column_sums(query, key, weight, key_valid=valid)[1] is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_sums_over_many_rows_by_logsumexp_match_the_explicit_softmax(dtype):
+    """The blocked path (two flash-attention passes, used for many rows on CPU) against the explicit softmax:
+    GQA, left padding, uneven row weights and rows left out."""
+    query, key = random_qk(b=2, h=4, kvh=2, q=40, k=40, d=8, seed=5)
+    valid = left_padding(2, 40, [0, 9])
+    weight = torch.rand(2, 40, generator=torch.Generator().manual_seed(1)) * valid
+    weight[0, 5:9] = 0.0
+    sums, sparsity = attention_column_sums(
+        query.to(dtype), key.to(dtype), weight, causal=True, key_valid=valid, chunk=8
+    )
+    assert sparsity is None
+    probs = naive_probabilities(query.to(dtype).float(), key.to(dtype).float(), causal=True, key_valid=valid)
+    want = (probs * weight[:, None, :, None].double()).sum(dim=2)
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(sums.double(), want, **tolerance)
+    assert (sums[1, :, :9] == 0).all()  # padding keys receive nothing
+
+
 def test_column_sums_compute_only_the_weighted_rows(monkeypatch):
     query, key = random_qk(q=10, k=10)
     weight = torch.zeros(2, 10)

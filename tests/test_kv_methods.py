@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from effivlm import attention
+from effivlm import attention, kv_cache
 from effivlm.backbones import available_families
 from effivlm.backbones.loading import load_backbone
 from effivlm.kv_cache import KVCompression
@@ -242,7 +242,7 @@ def test_layer_adaptive_budgets_follow_the_measured_sparsity(backbones, prompts,
 # ---------------------------------------------------------------------------- against a plain reference
 
 
-def eager_reference(backbone, prompt, name, budget, steps):
+def eager_reference(backbone, prompt, method, steps):
     """Greedy tokens of a plain loop: eager attention with output_attentions gives the full attention matrices,
     the method's scores are summed from them, each layer's DynamicCache is cut by hand, and decoding runs on
     the cut cache with the uncompressed prompt's positions. Batch of one, no padding."""
@@ -250,7 +250,7 @@ def eager_reference(backbone, prompt, name, budget, steps):
     pipe = Pipeline(backbone, build_method("dense"))
     pre = pipe.prefill_inputs(pipe.encode([prompt]))
     lm, head, embed = adapter.language_model(model), adapter.lm_head(model), adapter.input_embeddings(model)
-    method = build_method(name, budget)
+    name, budget = method.name, method.budget
     is_image = pre.image_mask()[0]
     length = is_image.shape[0]
     cache = DynamicCache(config=adapter.text_config(model))
@@ -279,6 +279,8 @@ def eager_reference(backbone, prompt, name, budget, steps):
         if name == "snapkv":
             cut = length - window
             scores = torch.cat([pool_scores(scores[:, :cut], "avg", 5), scores[:, cut:]], dim=-1)
+        if name == "lookm":  # text before images
+            scores = scores + (~is_image).double()[None] * (scores.max() + 1)
         kept = top_with_window(scores, capacity, window)
         index = kept[None, ..., None].expand(1, -1, -1, layer.keys.shape[-1])
         layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
@@ -302,14 +304,22 @@ def eager_reference(backbone, prompt, name, budget, steps):
     return tokens, torch.cat(logits)
 
 
-@pytest.mark.parametrize("name", ["h2o", "snapkv", "vlcache"])
+@pytest.mark.parametrize(
+    ("name", "chunk"),
+    [("h2o", 256), ("h2o", 8), ("lookm", 8), ("snapkv", 256), ("vlcache", 256), ("vlcache", 8)],
+)
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "sharp"])
 @torch.inference_mode()
-def test_scores_selection_and_decoding_match_an_eager_reference(request, backbones, prompts, family, name):
+def test_scores_selection_and_decoding_match_an_eager_reference(
+    request, backbones, prompts, monkeypatch, family, name, chunk
+):
+    """Chunk 8 makes the scores over all prompt rows take the blocked log-sum-exp path on CPU."""
+    monkeypatch.setattr(kv_cache, "SCORE_CHUNK", chunk)
     backbone = request.getfixturevalue("sharp_backbone") if family == "sharp" else backbones[family]
     steps = 5
-    params = {"layer_adaptive": False} if name == "vlcache" else {}
-    pipe = Pipeline(backbone, build_method(name, 0.4, params))
+    params = {"layer_adaptive": False} if name == "vlcache" else {"merge": "none"} if name == "lookm" else {}
+    method = build_method(name, 0.4, params)
+    pipe = Pipeline(backbone, method)
     captured = []
     original_head = backbone.adapter.lm_head(backbone.model).forward
 
@@ -324,7 +334,7 @@ def test_scores_selection_and_decoding_match_an_eager_reference(request, backbon
         gen = pipe.generate([prompts[1]], steps)[0]
     finally:
         del model_head.forward
-    want_tokens, want_logits = eager_reference(backbone, prompts[1], name, 0.4, steps)
+    want_tokens, want_logits = eager_reference(backbone, prompts[1], method, steps)
     got = backbone.processor.tokenizer.decode(
         want_tokens[: gen.stats["new_tokens"]], skip_special_tokens=True
     )
