@@ -26,9 +26,8 @@ from effivlm.layer_pruning import layer_mask, repack_left
 from effivlm.methods.base import KVCacheMethod, KVContext
 from effivlm.methods.kv.vlcache import SPARSITY_THRESHOLD
 
-#: query rows per chunk of explicit attention probabilities; above this many rows (and without a sparsity
-#: measure) the CPU uses two blocked flash-attention passes instead (see ``attention_column_sums``)
-SCORE_CHUNK = 256
+#: query rows per chunk of attention probabilities when scoring (see ``attention_column_sums``)
+SCORE_CHUNK = 128
 
 
 def entry_bytes(cache: Cache) -> list[int]:
@@ -109,7 +108,6 @@ class KVCompression:
             key,
             self._row_weight.to(query.device),
             scaling=kwargs.get("scaling"),
-            causal=True,
             key_valid=self.valid,
             sparsity_threshold=SPARSITY_THRESHOLD if self.method.needs_sparsity else None,
             chunk=SCORE_CHUNK,

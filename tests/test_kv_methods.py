@@ -313,7 +313,7 @@ def eager_reference(backbone, prompt, method, steps):
 def test_scores_selection_and_decoding_match_an_eager_reference(
     request, backbones, prompts, monkeypatch, family, name, chunk
 ):
-    """Chunk 8 makes the scores over all prompt rows take the blocked log-sum-exp path on CPU."""
+    """Chunk 8 cuts the scored rows into several chunks, the last one partly."""
     monkeypatch.setattr(kv_cache, "SCORE_CHUNK", chunk)
     backbone = request.getfixturevalue("sharp_backbone") if family == "sharp" else backbones[family]
     steps = 5

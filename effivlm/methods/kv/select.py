@@ -97,6 +97,17 @@ def text_prior(scores: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
     return scores + (~is_image).to(scores.dtype)[None] * lift
 
 
+def most_similar(queries: torch.Tensor, candidates: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per head, the index of the candidate most cosine-similar to each query: (H, n, d), (H, m, d) -> (H, n).
+    The (n, m) similarities are computed a chunk of queries at a time, so they stay small."""
+    unit = F.normalize(candidates, dim=-1).transpose(1, 2).contiguous()  # (H, d, m)
+    queries = F.normalize(queries, dim=-1)
+    out = torch.empty(queries.shape[:2], dtype=torch.long, device=queries.device)
+    for start in range(0, queries.shape[1], chunk):
+        out[:, start : start + chunk] = torch.matmul(queries[:, start : start + chunk], unit).argmax(dim=-1)
+    return out
+
+
 def merge_evicted(
     keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, how: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +127,7 @@ def merge_evicted(
     evicted = evicted_mask.nonzero()[:, 1].view(heads, -1)  # (KVH, e): same count in every head
     gone_keys = keys.gather(1, evicted[..., None].expand(-1, -1, dim)).float()
     gone_values = values.gather(1, evicted[..., None].expand(-1, -1, dim)).float()
-    similarity = F.normalize(gone_keys, dim=-1) @ F.normalize(kept_keys.float(), dim=-1).transpose(1, 2)
-    target = similarity.argmax(dim=-1)  # (KVH, e): the kept entry each evicted one joins
+    target = most_similar(gone_keys, kept_keys.float())  # (KVH, e): the kept entry each evicted one joins
     out = []
     for kept_t, gone_t in ((kept_keys.float(), gone_keys), (kept_values.float(), gone_values)):
         joined = gone_t

@@ -1,0 +1,85 @@
+"""The KV-cache benchmark runs end to end on a tiny model and prints a row per method and budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from effivlm.methods import build_method
+from effivlm.methods.base import kv_capacity
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["streamingllm", "random_kv", "h2o", "snapkv", "pyramidkv", "vlcache", "lookm"]
+BUDGETS = ["0.01", "0.1", "0.4"]
+UNIFORM = {"streamingllm", "random_kv", "h2o", "snapkv", "lookm"}  # the same capacity in every layer
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("kv_cache_bench", ROOT / "benchmarks" / "kv_cache.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str, title: str) -> list[list[str]]:
+    """Body rows of the Markdown table that follows the heading ``title``."""
+    section = text.split(title, 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_quick_run_prints_every_method_and_budget(capsys, tmp_path):
+    bench = load_benchmark()
+    report = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "kv")])
+    out = capsys.readouterr().out
+
+    printed = table_rows(out, "## Per method and budget")
+    assert [(r[0], r[1]) for r in printed] == [("dense", "1")] + [(m, b) for m in METHODS for b in BUDGETS]
+    for cells in printed:
+        _, _, entries, mib, ratio, ttft, ttft_spread, ttft_x, decode, decode_spread, decode_x = cells
+        assert float(entries) > 0 and float(mib) >= 0 and 0 < float(ratio) <= 1
+        for median, spread in ((ttft, ttft_spread), (decode, decode_spread)):
+            low, high = (float(x) for x in spread.split("-"))
+            assert 0 < low <= float(median) <= high
+        assert float(ttft_x) > 0 and float(decode_x) > 0
+    assert printed[0][4] == "1.0000" and printed[0][7] == printed[0][10] == "1.00"
+
+    # the bytes kept are the entries kept: budget * L per layer (L = 200 makes every default budget whole)
+    rows = report.rows
+    length = rows[0]["prompt_tokens"]
+    assert length == 200
+    layers = len(rows[0]["kv_tokens"])
+    assert rows[0]["kv_tokens"] == [length] * layers and rows[0]["kv_bytes"] == rows[0]["kv_bytes_dense"]
+    for row, cells in zip(rows[1:], printed[1:], strict=True):
+        method, budget, kept = row["method"], row["budget"], row["kv_tokens"]
+        capacity = kv_capacity(budget, length)
+        if method in UNIFORM:
+            assert kept == [capacity] * layers
+        elif method == "pyramidkv":
+            assert kept == build_method(method, budget).layer_capacities(length, layers, None)
+        else:  # VL-Cache moves entries between layers, keeping the total
+            assert sum(kept) == capacity * layers
+        assert row["kv_bytes_dense"] == rows[0]["kv_bytes_dense"] and row["prompt_tokens"] == length
+        assert row["kv_ratio"] == pytest.approx(statistics.fmean(kept) / length)
+        assert row["kv_ratio"] == pytest.approx(budget, rel=0.02)
+        assert float(cells[4]) == pytest.approx(row["kv_ratio"], abs=5e-5)
+        assert row["new_tokens"] == report.setup["decode_steps"] + 2
+
+    targets = table_rows(out, "## Targets of the issue")
+    assert [t[0][:3] for t in targets] == ["(a)", "(b)", "(c)"]
+    assert targets[1][2] == "PASS"  # every cache is at its budget
+    assert targets[2][2] == "n/a (not measured)"  # the quick prompt is far below 4,000 tokens
+
+    # the files hold the same rows
+    saved = json.loads((tmp_path / "kv.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report.rows))
+    assert [t["met"] for t in saved["targets"]] == [t["met"] for t in report.targets]
+    markdown = (tmp_path / "kv.md").read_text()
+    assert table_rows(markdown, "## Per method and budget") == printed
+    assert table_rows(markdown, "## Targets of the issue") == targets
