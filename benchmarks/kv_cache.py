@@ -49,47 +49,50 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from effivlm.backbones import available_families, get_adapter
 from effivlm.backbones.base import TinySizes
-from effivlm.backbones.loading import DTYPES, Backbone, load_backbone
-from effivlm.backbones.tiny import build_tiny, save_backbone
+from effivlm.backbones.loading import Backbone
+from effivlm.efficiency.bench import (
+    CORPUS,
+    IMAGE_SIZES,
+    STATS,
+    add_backbone_arguments,
+    add_run_arguments,
+    add_size_arguments,
+    apply_size_flags,
+    cpu_threads,
+    markdown,
+    parse_budgets,
+    parse_methods,
+    parse_resolved,
+    positive,
+    random_backbone,
+    setup_record,
+    synchronize,
+    time_interleaved,
+    timing_line,
+    write_report,
+)
 from effivlm.efficiency.flops import DecoderShape, layer_flops, linear_flops
-from effivlm.methods import available_methods, build_method
+from effivlm.methods import build_method
 from effivlm.methods.base import KVCacheMethod
 from effivlm.pipeline import Generation, Pipeline, Prompt
 
-CORPUS = [
-    "what color is the shape at the top left of the picture?",
-    "how many shapes are there in the image and where are they?",
-    "red green blue yellow one two three four yes no left right top bottom",
-]
 DEFAULT_METHODS = "streamingllm,random_kv,h2o,snapkv,pyramidkv,vlcache,lookm"
 DEFAULT_BUDGETS = "0.01,0.1,0.4"
-#: image side giving about 1,000 visual tokens (see benchmarks/token_prefill.py)
-IMAGE_SIZES = {"qwen2_vl": 512, "qwen2_5_vl": 512, "internvl": 512, "llava_onevision": 352}
-#: Qwen2's MLP width relative to its hidden size (18944 / 3584), for a --hidden given without --intermediate
-MLP_RATIO = 18944 / 3584
 #: targets of the issue
 TARGET_TTFT, TARGET_KV_TOLERANCE, TARGET_DECODE_BUDGET, TARGET_PROMPT = 0.9, 0.02, 0.1, 4000
-#: how the timed runs of a point are summarised; min suits a machine shared with other jobs (noise only adds)
-STATS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "min": min}
 MIB = 2**20
 
 # Decoder shapes. mid: wide enough per layer that a decode step's reads of the prompt's cache (16 KV heads of 64,
@@ -102,32 +105,21 @@ QUICK = TinySizes(64, 2, 4, 2, 128, 32, 1, 2, 64, 4096)  # smoke test
 
 
 # ---------------------------------------------------------------------------------------------- configuration
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available"
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--family", choices=available_families(), default="qwen2_vl")
-    p.add_argument("--image-size", type=positive, help="image side in pixels (default: ~1,000 visual tokens)")
+    add_backbone_arguments(p)
     p.add_argument(
         "--preset",
         choices=["mid", "7b"],
         default="mid",
         help="mid: hidden 1024, 2 layers, 16 heads / 16 kv heads; 7b: Qwen2-VL-7B (28 layers, 28/4 heads)",
     )
-    p.add_argument("--hidden", type=positive, help="decoder hidden size (mid: 1024)")
-    p.add_argument("--layers", type=positive, help="decoder layers (mid: 2; 7b: 28)")
-    p.add_argument("--heads", type=positive, help="attention heads (default: keep the preset's head_dim)")
-    p.add_argument("--kv-heads", type=positive, help="key/value heads (default: the preset's)")
-    p.add_argument("--intermediate", type=positive, help="MLP width (default: Qwen2's ratio to --hidden)")
+    add_size_arguments(
+        p, hidden_help="decoder hidden size (mid: 1024)", layers_help="decoder layers (mid: 2; 7b: 28)"
+    )
     p.add_argument(
         "--prompt-tokens",
         type=positive,
@@ -137,28 +129,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--text-tokens", type=positive, help="tokens of the question instead (overrides the above)"
     )
     p.add_argument("--decode-steps", type=positive, help="timed decode steps per run (default 16)")
-    p.add_argument("--repeats", type=positive, help="timed runs per point (default 3)")
-    p.add_argument("--warmup", type=int, help="untimed runs per point (default 1)")
-    p.add_argument(
-        "--stat", choices=sorted(STATS), default="median", help="summary of the timed runs (default median)"
+    add_run_arguments(
+        p,
+        repeats=3,
+        warmup=1,
+        methods=DEFAULT_METHODS,
+        budgets=DEFAULT_BUDGETS,
+        budgets_what="share of the prompt's cache kept",
     )
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
-    p.add_argument(
-        "--budgets",
-        default=DEFAULT_BUDGETS,
-        help=f"share of the prompt's cache kept (default {DEFAULT_BUDGETS})",
-    )
-    p.add_argument("--batch", type=positive, default=1, help="prompts per generate call")
-    p.add_argument("--threads", type=positive, help="CPU threads (default: every core this process may use)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="write the tables to OUT.json and OUT.md")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke run of seconds")
-    args = p.parse_args(argv)
-    try:
-        resolve(args)
-    except ValueError as err:
-        p.error(str(err))
-    return args
+    return parse_resolved(p, argv, resolve)
 
 
 def resolve(args: argparse.Namespace) -> None:
@@ -177,82 +156,20 @@ def resolve(args: argparse.Namespace) -> None:
         args.warmup = 1 if args.device == "cuda" and not quick else 0
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "dense"]
-    unknown = [m for m in args.methods if m not in available_methods()]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(available_methods())}")
+    args.methods = parse_methods(args.methods, skip=["dense"])
     not_kv = [m for m in args.methods if not isinstance(build_method(m), KVCacheMethod)]
     if not_kv:
         raise ValueError(f"not KV-cache methods: {not_kv}")
-    args.budgets = sorted({float(b) for b in args.budgets.split(",") if b.strip()})
-    if not args.budgets or any(not 0.0 < b <= 1.0 for b in args.budgets):
-        raise ValueError(f"budgets must be in (0, 1], got {args.budgets}")
+    args.budgets = parse_budgets(args.budgets, allow_empty=False)
     args.sizes = model_sizes(args)
 
 
 def model_sizes(args: argparse.Namespace) -> TinySizes:
     """The preset of --preset/--quick with the explicit size flags applied."""
-    preset = QUICK if args.quick else (QWEN2_7B if args.preset == "7b" else MID)
-    hidden = args.hidden or preset.text_hidden
-    head_dim = preset.text_hidden // preset.text_heads
-    heads = args.heads or max(1, hidden // head_dim)
-    kv_heads = args.kv_heads or min(preset.text_kv_heads, heads)
-    if args.intermediate:
-        intermediate = args.intermediate
-    elif args.hidden:
-        intermediate = 128 * max(1, round(hidden * MLP_RATIO / 128))
-    else:
-        intermediate = preset.text_intermediate
-    if hidden % heads or (hidden // heads) % 2:
-        raise ValueError(f"--hidden {hidden} must split into {heads} heads of an even head_dim")
-    if heads % kv_heads:
-        raise ValueError(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
-    return dataclasses.replace(
-        preset,
-        text_hidden=hidden,
-        text_layers=args.layers or preset.text_layers,
-        text_heads=heads,
-        text_kv_heads=kv_heads,
-        text_intermediate=intermediate,
-    )
+    return apply_size_flags(QUICK if args.quick else (QWEN2_7B if args.preset == "7b" else MID), args)
 
 
-# ---------------------------------------------------------------------------------------------- backbone
-@contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads, restoring the caller's count (a test calls ``main`` in-process)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Create parameters directly in ``dtype`` (a 7B model in float32 would need twice the memory)."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
-
-
-def build_backbone(args: argparse.Namespace, folder: Path) -> Backbone:
-    """Build a random-init backbone of ``args.sizes``, save it to ``folder`` and load it back under sdpa."""
-    adapter = get_adapter(args.family)
-    with default_dtype(DTYPES[args.dtype]):
-        model, processor, kwargs = build_tiny(adapter, CORPUS, args.image_size, args.sizes, seed=args.seed)
-    save_backbone(model, processor, kwargs, folder)
-    del model
-    gc.collect()
-    return load_backbone(
-        str(folder), args.family, dtype=args.dtype, device=args.device, attn_implementation="sdpa"
-    )
-
-
+# ---------------------------------------------------------------------------------------------- prompts
 @contextmanager
 def no_eos(backbone: Backbone) -> Iterator[None]:
     """Set the end-of-sequence logit to -inf, so that greedy decoding runs every step it is asked for."""
@@ -310,11 +227,6 @@ def make_prompts(args: argparse.Namespace, backbone: Backbone) -> list[Prompt]:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def ttft_run(pipe: Pipeline, prompts: list[Prompt], device: str) -> tuple[float, list[Generation]]:
     """Wall time of ``generate(prompts, max_new_tokens=1)`` in ms, and its generations."""
     synchronize(device)
@@ -347,29 +259,6 @@ def decode_run(
         )
     step_ms = [(b - a) * 1e3 for a, b in zip(ends[1:], ends[2:], strict=False)]
     return statistics.median(step_ms), gens
-
-
-def time_interleaved(
-    jobs: dict[str, Callable[[], tuple[float, Any]]], warmup: int, repeats: int, first: int
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """The times (ms) every job reports over ``repeats`` rounds after ``warmup`` untimed calls each, and each
-    job's last result. The ``first`` jobs also run once before anything else, untimed (one-time costs: memory
-    pools, kernel selection). A round calls every job once, starting one job later each round, so that drift and
-    other load on the machine spread over all jobs instead of biasing the ones timed in a bad moment."""
-    results: dict[str, Any] = {}
-    for name in list(jobs)[:first]:
-        results[name] = jobs[name]()[1]
-    for name, fn in jobs.items():
-        for _ in range(warmup):
-            results[name] = fn()[1]
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    names = list(jobs)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            elapsed, results[name] = jobs[name]()
-            times[name].append(elapsed)
-        print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return times, results
 
 
 def measure(
@@ -488,15 +377,6 @@ def label(row: dict[str, Any] | None) -> str:
     return "-" if row is None else f"{row['method']} @ {row['budget']:g}"
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-
-
 def results_table(rows: list[dict[str, Any]], stat: str) -> list[str]:
     header = [
         "method",
@@ -550,9 +430,7 @@ def describe(args: argparse.Namespace, backbone: Backbone, dense: dict[str, Any]
     stats = dense["gen_stats"]
     return [
         f"# KV-cache compression vs dense: {args.family}, random init, {params / 1e6:.1f}M params",
-        f"device {args.device} ({torch.get_num_threads()} threads), {args.dtype}, sdpa, batch {args.batch}, "
-        f"{args.warmup} warm-up + {args.repeats} timed runs per point ({args.stat}, min-max); "
-        "jobs interleaved round by round",
+        timing_line(args),
         f"decoder: hidden {s.text_hidden}, {s.text_layers} layers, {s.text_heads} heads / {s.text_kv_heads} kv, "
         f"MLP {s.text_intermediate}; vision tower: hidden {s.vision_hidden}, {s.vision_layers} layers",
         f"prompt: one {args.image_size}px image -> {sum(stats['visual_tokens'])} visual tokens and "
@@ -586,14 +464,13 @@ class Report:
 
 
 def run(args: argparse.Namespace) -> Report:
-    with cpu_threads(args.threads or len(os.sched_getaffinity(0))):
+    with cpu_threads(args.threads):
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> Report:
     torch.manual_seed(args.seed)
-    with tempfile.TemporaryDirectory(prefix="effivlm-bench-") as tmp, torch.inference_mode():
-        backbone = build_backbone(args, Path(tmp) / "backbone")
+    with torch.inference_mode(), random_backbone(args) as backbone:
         prompts = make_prompts(args, backbone)
         specs = [("dense", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
         times, results = measure(backbone, prompts, specs, args)
@@ -604,20 +481,9 @@ def _run(args: argparse.Namespace) -> Report:
     targets = target_rows(rows, rows[0])
     lines += ["", "## Per method and budget", *results_table(rows, args.stat)]
     lines += ["", "## Targets of the issue", *target_table(targets)]
-    setup = {k: v for k, v in vars(args).items() if k not in ("out", "sizes")}
-    setup["sizes"] = dataclasses.asdict(args.sizes)
-    setup["threads"] = torch.get_num_threads()
-    setup["torch"] = torch.__version__
-    setup["device_name"] = torch.cuda.get_device_name() if args.device == "cuda" else None
+    setup = setup_record(args)
     setup["prompt_tokens"] = rows[0]["prompt_tokens"]
     return Report(lines, rows, targets, setup)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
@@ -625,10 +491,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     report = run(args)
     print("\n".join(report.lines))
     if args.out is not None:
-        stem = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
         tables = {"setup": report.setup, "rows": report.rows, "targets": report.targets}
-        write_atomic(stem.with_name(stem.name + ".json"), json.dumps(tables, indent=2))
-        write_atomic(stem.with_name(stem.name + ".md"), "\n".join(report.lines) + "\n")
+        write_report(args.out, tables, report.lines)
     return report
 
 

@@ -25,19 +25,10 @@ Run ``python benchmarks/token_prefill.py --help``; ``--quick`` is a few-second s
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import gc
-import json
-import os
-import statistics
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,30 +36,37 @@ import torch
 from PIL import Image
 
 from effivlm.attention import probe_attention
-from effivlm.backbones import available_families, get_adapter
 from effivlm.backbones.base import TinySizes
-from effivlm.backbones.loading import DTYPES, Backbone, load_backbone
-from effivlm.backbones.tiny import build_tiny, save_backbone
+from effivlm.backbones.loading import Backbone
 from effivlm.efficiency import DecoderShape, encoder_flops, prefill_flops
-from effivlm.methods import available_methods, build_method
+from effivlm.efficiency.bench import (
+    CORPUS,
+    IMAGE_SIZES,
+    STATS,
+    add_backbone_arguments,
+    add_run_arguments,
+    add_size_arguments,
+    apply_size_flags,
+    cpu_threads,
+    markdown,
+    parse_budgets,
+    parse_methods,
+    parse_resolved,
+    positive,
+    random_backbone,
+    setup_record,
+    time_interleaved,
+    time_once,
+    timing_line,
+    write_report,
+)
+from effivlm.methods import build_method
 from effivlm.pipeline import Generation, Pipeline, Prompt
 
-CORPUS = [
-    "what color is the shape at the top left of the picture?",
-    "how many shapes are there in the image and where are they?",
-    "red green blue yellow one two three four yes no left right top bottom",
-]
 DEFAULT_METHODS = "dense,random,pool,fastv,visionzip,prumerge_plus"
 DEFAULT_BUDGETS = "0.01,0.1,0.4"
-#: image side giving about 1,000 visual tokens: Qwen/InternVL 8 px patches merged 2 x 2 -> (512/16)^2 = 1024;
-#: LLaVA-OneVision 16 px patches, base view plus one AnyRes crop plus a newline per row -> 2 * 22^2 + 22 = 990
-IMAGE_SIZES = {"qwen2_vl": 512, "qwen2_5_vl": 512, "internvl": 512, "llava_onevision": 352}
-#: Qwen2's MLP width relative to its hidden size (18944 / 3584), for a --hidden given without --intermediate
-MLP_RATIO = 18944 / 3584
 #: targets of the issue
 TARGET_BUDGET, TARGET_RATIO, TARGET_METHODS, TARGET_OVERHEAD = 0.1, 0.8, ("fastv", "visionzip"), 0.05
-#: how the timed runs of a point are summarised; min suits a machine shared with other jobs (noise only adds)
-STATS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "min": min}
 
 # Text shapes of the presets (vision towers are kept modest: their cost is the same for every method).
 # Vision towers in proportion to the decoder, as in the real models: Qwen2-VL-7B's tower (32 x 1280) costs about
@@ -84,53 +82,33 @@ QUICK = TinySizes(64, 3, 4, 2, 128, 32, 1, 2, 64, 1024)  # smoke test: FastV's l
 
 
 # ---------------------------------------------------------------------------------------------- configuration
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--family", choices=available_families(), default="qwen2_vl")
-    p.add_argument("--image-size", type=positive, help="image side in pixels (default: ~1,000 visual tokens)")
+    add_backbone_arguments(p)
     p.add_argument(
         "--shape",
         choices=["mid", "7b"],
         default="mid",
         help="mid: hidden 1024 x 8 layers on cpu, Qwen2-1.5B's decoder on cuda; 7b: Qwen2-7B's decoder",
     )
-    p.add_argument("--hidden", type=positive, help="decoder hidden size (mid on cpu: 1024)")
-    p.add_argument("--layers", type=positive, help="decoder layers (mid on cpu: 8; 7b: 28)")
-    p.add_argument("--heads", type=positive, help="attention heads (default: keep the preset's head_dim)")
-    p.add_argument("--kv-heads", type=positive, help="key/value heads (default: the preset's)")
-    p.add_argument("--intermediate", type=positive, help="MLP width (default: Qwen2's ratio to --hidden)")
+    add_size_arguments(
+        p,
+        hidden_help="decoder hidden size (mid on cpu: 1024)",
+        layers_help="decoder layers (mid on cpu: 8; 7b: 28)",
+    )
     p.add_argument("--text-tokens", type=positive, help="words in the text question (default 64)")
-    p.add_argument("--repeats", type=positive, help="timed runs per point (default 5)")
-    p.add_argument("--warmup", type=int, help="untimed runs per point (default 2)")
-    p.add_argument(
-        "--stat", choices=sorted(STATS), default="median", help="summary of the timed runs (default median)"
+    add_run_arguments(
+        p,
+        repeats=5,
+        warmup=2,
+        methods=DEFAULT_METHODS,
+        budgets=DEFAULT_BUDGETS,
+        budgets_what="visual tokens kept",
     )
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
-    p.add_argument(
-        "--budgets", default=DEFAULT_BUDGETS, help=f"visual tokens kept (default {DEFAULT_BUDGETS})"
-    )
-    p.add_argument("--batch", type=positive, default=1, help="prompts per generate call")
-    p.add_argument("--threads", type=positive, help="CPU threads (default: every core this process may use)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="write the tables to OUT.json and OUT.md")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke run of seconds")
-    args = p.parse_args(argv)
-    try:
-        resolve(args)
-    except ValueError as err:
-        p.error(str(err))
-    return args
+    return parse_resolved(p, argv, resolve)
 
 
 def resolve(args: argparse.Namespace) -> None:
@@ -144,13 +122,8 @@ def resolve(args: argparse.Namespace) -> None:
     args.repeats = args.repeats or (1 if quick else 5)
     if args.warmup is None:
         args.warmup = 1 if quick else 2
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in available_methods()]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(available_methods())}")
-    args.budgets = sorted({float(b) for b in args.budgets.split(",") if b.strip()})
-    if any(not 0.0 < b <= 1.0 for b in args.budgets):
-        raise ValueError(f"budgets must be in (0, 1], got {args.budgets}")
+    args.methods = parse_methods(args.methods)
+    args.budgets = parse_budgets(args.budgets)
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     args.sizes = model_sizes(args)
@@ -164,110 +137,16 @@ def model_sizes(args: argparse.Namespace) -> TinySizes:
         preset = QWEN2_7B
     else:
         preset = MID_CUDA if args.device == "cuda" else MID_CPU
-    hidden = args.hidden or preset.text_hidden
-    head_dim = preset.text_hidden // preset.text_heads
-    heads = args.heads or max(1, hidden // head_dim)
-    kv_heads = args.kv_heads or min(preset.text_kv_heads, heads)
-    if args.intermediate:
-        intermediate = args.intermediate
-    elif args.hidden:
-        intermediate = 128 * max(1, round(hidden * MLP_RATIO / 128))
-    else:
-        intermediate = preset.text_intermediate
-    if hidden % heads or (hidden // heads) % 2:
-        raise ValueError(f"--hidden {hidden} must split into {heads} heads of an even head_dim")
-    if heads % kv_heads:
-        raise ValueError(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
-    return dataclasses.replace(
-        preset,
-        text_hidden=hidden,
-        text_layers=args.layers or preset.text_layers,
-        text_heads=heads,
-        text_kv_heads=kv_heads,
-        text_intermediate=intermediate,
-    )
+    return apply_size_flags(preset, args)
 
 
-# ---------------------------------------------------------------------------------------------- backbone
-@contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads, restoring the caller's count (a test calls ``main`` in-process)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Create parameters directly in ``dtype`` (a 7B model in float32 would need twice the memory)."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
-
-
-def build_backbone(args: argparse.Namespace, folder: Path) -> Backbone:
-    """Build a random-init backbone of ``args.sizes``, save it to ``folder`` and load it back under sdpa."""
-    adapter = get_adapter(args.family)
-    with default_dtype(DTYPES[args.dtype]):
-        model, processor, kwargs = build_tiny(adapter, CORPUS, args.image_size, args.sizes, seed=args.seed)
-    save_backbone(model, processor, kwargs, folder)
-    del model
-    gc.collect()
-    return load_backbone(
-        str(folder), args.family, dtype=args.dtype, device=args.device, attn_implementation="sdpa"
-    )
-
-
+# ---------------------------------------------------------------------------------------------- prompts
 def make_prompts(args: argparse.Namespace) -> list[Prompt]:
     rng = np.random.default_rng(args.seed)
     pixels = rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8)
     words = " ".join(CORPUS).replace("?", "").split()
     question = " ".join(words[i % len(words)] for i in range(args.text_tokens)) + "?"
     return [Prompt(images=[Image.fromarray(pixels)], text=question) for _ in range(args.batch)]
-
-
-# ---------------------------------------------------------------------------------------------- timing
-def time_once(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
-    """Wall time of one call of ``fn`` in ms, and its result."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        result = fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end), result
-    t0 = time.perf_counter()
-    result = fn()
-    return (time.perf_counter() - t0) * 1e3, result
-
-
-def time_interleaved(
-    jobs: dict[str, Callable[[], Any]], device: str, warmup: int, repeats: int
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Times of every job over ``repeats`` rounds after ``warmup`` untimed calls each; and each job's last result.
-
-    A round times every job once, starting one job later each round, so drift and other load on the machine
-    (thermal, a neighbour's process) spread over all jobs instead of biasing the ones timed in a bad moment.
-    """
-    results = {name: None for name in jobs}
-    for name, fn in jobs.items():
-        for _ in range(warmup):
-            results[name] = fn()
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    names = list(jobs)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            elapsed, results[name] = time_once(jobs[name], device)
-            times[name].append(elapsed)
-        print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return times, results
 
 
 @dataclass(frozen=True)
@@ -320,7 +199,8 @@ def measure(
         jobs[f"{method}@{budget:g}"] = partial(pipe.generate, prompts, max_new_tokens=1)
     dense = Pipeline(backbone, build_method("dense"), seed=args.seed)
     jobs[PRE_DECODER] = lambda: dense.prefill_inputs(dense.encode(prompts))
-    times, results = time_interleaved(jobs, args.device, args.warmup, args.repeats)
+    timed = {name: partial(time_once, fn, args.device) for name, fn in jobs.items()}
+    times, results = time_interleaved(timed, args.warmup, args.repeats)
     shape = DecoderShape.from_config(backbone.adapter.text_config(backbone.model))
     vision = vision_flops(backbone, dense, prompts)
     points = [
@@ -423,15 +303,6 @@ def target_rows(speed: list[dict[str, Any]], overhead: list[dict[str, Any]]) -> 
     return targets
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-
-
 def speed_table(rows: list[dict[str, Any]], stat: str) -> list[str]:
     header = [
         "method",
@@ -497,9 +368,7 @@ def describe(
     pre = STATS[args.stat](pre_ms)
     return [
         f"# Prefill (TTFT) of visual-token methods vs dense: {args.family}, random init, {params / 1e6:.1f}M params",
-        f"device {args.device} ({torch.get_num_threads()} threads), {args.dtype}, sdpa, batch {args.batch}, "
-        f"{args.warmup} warm-up + {args.repeats} timed runs per point ({args.stat}, min-max); "
-        f"jobs interleaved round by round",
+        timing_line(args),
         f"decoder: hidden {s.text_hidden}, {s.text_layers} layers, {s.text_heads} heads / {s.text_kv_heads} kv, "
         f"MLP {s.text_intermediate}; vision tower: hidden {s.vision_hidden}, {s.vision_layers} layers, "
         f"{s.vision_heads} heads, MLP {s.vision_intermediate}",
@@ -524,15 +393,14 @@ class Report:
 
 
 def run(args: argparse.Namespace) -> Report:
-    with cpu_threads(args.threads or len(os.sched_getaffinity(0))):
+    with cpu_threads(args.threads):
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> Report:
     torch.manual_seed(args.seed)
     prompts = make_prompts(args)
-    with tempfile.TemporaryDirectory(prefix="effivlm-bench-") as tmp, torch.inference_mode():
-        backbone = build_backbone(args, Path(tmp) / "backbone")
+    with torch.inference_mode(), random_backbone(args) as backbone:
         others = [m for m in args.methods if m != "dense"]
         specs = [("dense", 1.0)] + [(m, b) for m in others for b in args.budgets]
         specs += [(m, 1.0) for m in others if 1.0 not in args.budgets]
@@ -551,20 +419,9 @@ def _run(args: argparse.Namespace) -> Report:
         *overhead_table(overhead, args.stat),
     ]
     lines += ["", "## Targets of the issue", *target_table(targets)]
-    setup = {k: v for k, v in vars(args).items() if k not in ("out", "sizes")}
-    setup["sizes"] = dataclasses.asdict(args.sizes)
-    setup["threads"] = torch.get_num_threads()
-    setup["torch"] = torch.__version__
-    setup["device_name"] = torch.cuda.get_device_name() if args.device == "cuda" else None
+    setup = setup_record(args)
     setup["pre_decoder_ms"] = pre_ms
     return Report(lines, speed, overhead, targets, setup)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
@@ -572,10 +429,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     report = run(args)
     print("\n".join(report.lines))
     if args.out is not None:
-        stem = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
         tables = {k: getattr(report, k) for k in ("setup", "speed", "overhead", "targets")}
-        write_atomic(stem.with_name(stem.name + ".json"), json.dumps(tables, indent=2))
-        write_atomic(stem.with_name(stem.name + ".md"), "\n".join(report.lines) + "\n")
+        write_report(args.out, tables, report.lines)
     return report
 
 

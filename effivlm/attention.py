@@ -248,7 +248,13 @@ def attention_column_sums(
             if sparsity_threshold is not None:
                 # masked entries are 0 and below any threshold: take them out by count
                 masked = (width - 1 - idx).to(torch.float32)  # (c,)
-                below += probs.lt(sparsity_threshold).sum(dim=-1, dtype=torch.int32).float().sub_(masked).sum(dim=-1)
+                below += (
+                    probs.lt(sparsity_threshold)
+                    .sum(dim=-1, dtype=torch.int32)
+                    .float()
+                    .sub_(masked)
+                    .sum(dim=-1)
+                )
                 visible += int((idx + 1).sum())
             # normalise through the weights: sum_i (w_i / Z_i) exp_ij
             scaled = (weight[idx][None, :] / total)[:, None, :]  # (H, 1, c)

@@ -1,4 +1,4 @@
-"""Shared fixtures: small random-init backbones of every family, built once per session."""
+"""Shared fixtures: small random-init backbones of every family, built once per session, and prompts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from PIL import Image
 
 from effivlm.backbones import available_families, get_adapter
 from effivlm.backbones.base import TinySizes
+from effivlm.backbones.loading import Backbone, load_backbone
 from effivlm.backbones.tiny import build_tiny, save_backbone
+from effivlm.pipeline import Prompt
 
 TEST_SIZES = TinySizes(
     text_hidden=64,
@@ -46,3 +48,19 @@ def tiny_paths(tmp_path_factory) -> dict[str, Path]:
 def images() -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def backbones(tiny_paths) -> dict[str, Backbone]:
+    """family -> the saved small backbone, loaded afresh for each test module (sdpa, float32, cpu)."""
+    return {family: load_backbone(str(tiny_paths[family]), family) for family in available_families()}
+
+
+@pytest.fixture(scope="module")
+def prompts(images) -> list[Prompt]:
+    """Three prompts of different lengths, the second with two images."""
+    return [
+        Prompt([images[0]], "what color is the shape at the top left?"),
+        Prompt([images[1], images[2]], "how many shapes are there?"),
+        Prompt([images[3]], "how many shapes?"),
+    ]

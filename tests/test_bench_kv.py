@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark, table_rows
 
 from effivlm.methods import build_method
 from effivlm.methods.base import kv_capacity
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["streamingllm", "random_kv", "h2o", "snapkv", "pyramidkv", "vlcache", "lookm"]
 BUDGETS = ["0.01", "0.1", "0.4"]
 UNIFORM = {"streamingllm", "random_kv", "h2o", "snapkv", "lookm"}  # the same capacity in every layer
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("kv_cache_bench", ROOT / "benchmarks" / "kv_cache.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def table_rows(text: str, title: str) -> list[list[str]]:
-    """Body rows of the Markdown table that follows the heading ``title``."""
-    section = text.split(title, 1)[1].split("\n## ", 1)[0]
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
-
-
 def test_quick_run_prints_every_method_and_budget(capsys, tmp_path):
-    bench = load_benchmark()
+    bench = load_benchmark("kv_cache")
     report = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "kv")])
     out = capsys.readouterr().out
 

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_benchmark, table_rows
+
 METHODS = ["random", "pool", "fastv", "visionzip", "prumerge_plus"]
 BUDGETS = ["0.01", "0.1", "0.4"]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("token_prefill", ROOT / "benchmarks" / "token_prefill.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def table_rows(text: str, title: str) -> list[list[str]]:
-    """Body rows of the Markdown table that follows the heading ``title``."""
-    section = text.split(title, 1)[1].split("\n## ", 1)[0]
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
-
-
 def test_quick_run_prints_every_method_and_budget(capsys, tmp_path):
-    bench = load_benchmark()
+    bench = load_benchmark("token_prefill")
     report = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "prefill")])
     out = capsys.readouterr().out
 

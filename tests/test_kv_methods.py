@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_method_leaves_the_model_as_it_was, hook_count
 from transformers import DynamicCache
 
 from effivlm import attention, kv_cache
@@ -13,7 +14,7 @@ from effivlm.backbones.loading import load_backbone
 from effivlm.kv_cache import KVCompression
 from effivlm.methods import build_method, kv_capacity
 from effivlm.methods.kv.select import pool_scores, top_with_window
-from effivlm.pipeline import Pipeline, Prompt
+from effivlm.pipeline import Pipeline
 
 #: every method, and each option's other settings (the defaults are the first variant of each method)
 VARIANTS = [
@@ -40,20 +41,6 @@ NEW_TOKENS = 4
 def variant_id(variant) -> str:
     name, params = variant
     return name + "".join(f"-{k}={v}" for k, v in params.items())
-
-
-@pytest.fixture(scope="module")
-def backbones(tiny_paths):
-    return {family: load_backbone(str(tiny_paths[family]), family) for family in available_families()}
-
-
-@pytest.fixture(scope="module")
-def prompts(images):
-    return [
-        Prompt([images[0]], "what color is the shape at the top left?"),
-        Prompt([images[1], images[2]], "how many shapes are there?"),
-        Prompt([images[3]], "how many shapes?"),
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -122,37 +109,16 @@ def test_contract(backbones, prompts, dense_texts, cache_shapes, family, variant
         assert all(g.stats["kv_bytes"] == g.stats["kv_bytes_dense"] for g in batch)
 
 
-def _hook_count(model) -> int:
-    return sum(
-        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._forward_pre_hooks_with_kwargs)
-        for m in model.modules()
-    )
-
-
 @pytest.mark.parametrize("method", ["h2o", "vlcache", "lookm"])
 @pytest.mark.parametrize("family", available_families())
 def test_method_leaves_the_model_as_it_was(backbones, prompts, family, method):
-    backbone = backbones[family]
-    model = backbone.model
-    params = {k: v.clone() for k, v in model.state_dict().items()}
-    configs = {id(m): m.config for m in model.modules() if hasattr(m, "config")}
-    inputs = Pipeline(backbone, build_method("dense")).encode(prompts)
-    with torch.inference_mode():
-        before = model(**backbone.adapter.forward_inputs(inputs)).logits
-        hooks = _hook_count(model)  # after a first forward: transformers installs its own hooks lazily
-        Pipeline(backbone, build_method(method, 0.1)).generate(prompts, NEW_TOKENS)
-        after = model(**backbone.adapter.forward_inputs(inputs)).logits
-    assert torch.equal(before, after)
-    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
-    assert {id(m): m.config for m in model.modules() if hasattr(m, "config")} == configs
-    assert _hook_count(model) == hooks
-    assert not attention._ACTIVE
+    assert_method_leaves_the_model_as_it_was(backbones[family], prompts, method, NEW_TOKENS)
 
 
 def test_hooks_are_removed_when_a_method_fails(backbones, prompts, monkeypatch):
     backbone = backbones["qwen2_vl"]
     Pipeline(backbone, build_method("dense")).generate(prompts[:1], 1)
-    hooks = _hook_count(backbone.model)
+    hooks = hook_count(backbone.model)
 
     def broken(self, ctx):
         raise RuntimeError("selection failed")
@@ -161,7 +127,7 @@ def test_hooks_are_removed_when_a_method_fails(backbones, prompts, monkeypatch):
     monkeypatch.setattr(type(method), "select", broken)
     with pytest.raises(RuntimeError, match="selection failed"):
         Pipeline(backbone, method).generate(prompts[:1], NEW_TOKENS)
-    assert _hook_count(backbone.model) == hooks
+    assert hook_count(backbone.model) == hooks
     assert not attention._ACTIVE
 
 

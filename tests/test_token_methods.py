@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_method_leaves_the_model_as_it_was, hook_count
 
 from effivlm import attention
 from effivlm.backbones import available_families
@@ -11,25 +12,11 @@ from effivlm.backbones.loading import load_backbone
 from effivlm.layer_pruning import LayerPruning
 from effivlm.methods import build_method, kept_count
 from effivlm.methods.base import LayerTokenMethod
-from effivlm.pipeline import Pipeline, Prompt
+from effivlm.pipeline import Pipeline
 
 TOKEN_METHODS = ["random", "pool", "fastv", "visionzip", "prumerge_plus"]
 BUDGETS = [0.01, 0.1, 0.4, 1.0]
 NEW_TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def backbones(tiny_paths):
-    return {family: load_backbone(str(tiny_paths[family]), family) for family in available_families()}
-
-
-@pytest.fixture(scope="module")
-def prompts(images):
-    return [
-        Prompt([images[0]], "what color is the shape at the top left?"),
-        Prompt([images[1], images[2]], "how many shapes are there?"),
-        Prompt([images[3]], "how many shapes?"),
-    ]
 
 
 def expected_kept(backbone, prompts, budget: float) -> tuple[list[list[int]], list[list[int]]]:
@@ -90,37 +77,15 @@ def test_contract(backbones, prompts, dense_texts, family, method, budget):
         assert [g.text for g in batch] == dense_texts[family]
 
 
-def _hook_count(model) -> int:
-    return sum(
-        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._forward_pre_hooks_with_kwargs)
-        for m in model.modules()
-    )
-
-
 @pytest.mark.parametrize("method", ["fastv", "visionzip", "prumerge_plus"])
 @pytest.mark.parametrize("family", available_families())
 def test_method_leaves_the_model_as_it_was(backbones, prompts, family, method):
-    backbone = backbones[family]
-    model = backbone.model
-    params = {k: v.clone() for k, v in model.state_dict().items()}
-    configs = {id(m): m.config for m in model.modules() if hasattr(m, "config")}
-    hooks = _hook_count(model)
-    dense = Pipeline(backbone, build_method("dense"))
-    inputs = dense.encode(prompts)
-    with torch.inference_mode():
-        before = model(**backbone.adapter.forward_inputs(inputs)).logits
-        Pipeline(backbone, build_method(method, 0.1)).generate(prompts, NEW_TOKENS)
-        after = model(**backbone.adapter.forward_inputs(inputs)).logits
-    assert torch.equal(before, after)
-    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
-    assert {id(m): m.config for m in model.modules() if hasattr(m, "config")} == configs
-    assert _hook_count(model) == hooks
-    assert not attention._ACTIVE
+    assert_method_leaves_the_model_as_it_was(backbones[family], prompts, method, NEW_TOKENS)
 
 
 def test_hooks_are_removed_when_a_method_fails(backbones, prompts, monkeypatch):
     backbone = backbones["llava_onevision"]
-    hooks = _hook_count(backbone.model)
+    hooks = hook_count(backbone.model)
     fastv = build_method("fastv", 0.1)
 
     def broken(scores, k):
@@ -129,7 +94,7 @@ def test_hooks_are_removed_when_a_method_fails(backbones, prompts, monkeypatch):
     monkeypatch.setattr(type(fastv), "select", lambda self, scores, k: broken(scores, k))
     with pytest.raises(RuntimeError, match="selection failed"):
         Pipeline(backbone, fastv).generate(prompts, NEW_TOKENS)
-    assert _hook_count(backbone.model) == hooks
+    assert hook_count(backbone.model) == hooks
     assert not attention._ACTIVE
 
 
@@ -166,7 +131,7 @@ def test_fastv_prefill_and_decode_match_a_plain_reference(backbones, prompts, fa
         with LayerPruning(
             layers, adapter.self_attention, method, pre.attention_mask, pre.segments, impl
         ) as p:
-            tokens = pipe._decode(pre, 6, p)[0]
+            tokens = pipe._decode(pre, 6, p, None)[0][0]
         rows = p.rows[0]
         # the kept visual tokens are each segment's top scores
         for seg in pre.segments[0]:
@@ -223,7 +188,7 @@ def test_fastv_ranking_changes_the_selection(backbones, prompts):
         impl = adapter.text_config(model)._attn_implementation
         pruning = LayerPruning(layers, adapter.self_attention, method, pre.attention_mask, pre.segments, impl)
         with torch.inference_mode(), pruning as p:
-            pipe._decode(pre, 1, p)
+            pipe._decode(pre, 1, p, None)
         kept[ranking] = [r.tolist() for r in p.rows]
     assert kept["mean"] != kept["last"]
 

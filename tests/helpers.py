@@ -1,0 +1,61 @@
+"""Plain helpers shared by test modules (pytest puts tests/ on sys.path: ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from effivlm import attention
+from effivlm.methods import build_method
+from effivlm.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- benchmarks
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py``, imported as the module ``<name>_bench``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str, title: str) -> list[list[str]]:
+    """Body rows of the Markdown table that follows the heading ``title``."""
+    section = text.split(title, 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+# ---------------------------------------------------------------------------- methods
+def hook_count(model: torch.nn.Module) -> int:
+    """Forward and forward-pre hooks registered on all of ``model``'s modules."""
+    return sum(
+        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._forward_pre_hooks_with_kwargs)
+        for m in model.modules()
+    )
+
+
+def assert_method_leaves_the_model_as_it_was(backbone, prompts, method: str, new_tokens: int) -> None:
+    """Generating with ``method`` at budget 0.1 leaves the model's logits, parameters, configs and hooks as they
+    were, and no attention probe active."""
+    model = backbone.model
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    configs = {id(m): m.config for m in model.modules() if hasattr(m, "config")}
+    inputs = Pipeline(backbone, build_method("dense")).encode(prompts)
+    with torch.inference_mode():
+        before = model(**backbone.adapter.forward_inputs(inputs)).logits
+        hooks = hook_count(model)  # after a first forward: transformers installs its own hooks lazily
+        Pipeline(backbone, build_method(method, 0.1)).generate(prompts, new_tokens)
+        after = model(**backbone.adapter.forward_inputs(inputs)).logits
+    assert torch.equal(before, after)
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    assert {id(m): m.config for m in model.modules() if hasattr(m, "config")} == configs
+    assert hook_count(model) == hooks
+    assert not attention._ACTIVE
