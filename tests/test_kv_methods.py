@@ -307,3 +307,13 @@ def test_scores_selection_and_decoding_match_an_eager_reference(
     assert gen.text == got.strip()
     n = gen.stats["new_tokens"]
     torch.testing.assert_close(torch.cat(captured)[:n], want_logits[:n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["h2o", "pyramidkv", "vlcache"])
+def test_eager_attention_gives_the_same_cache_and_tokens(tiny_paths, backbones, prompts, name):
+    """The probes and the decode masks work the same under eager attention (an additive float mask)."""
+    eager = load_backbone(str(tiny_paths["qwen2_vl"]), "qwen2_vl", attn_implementation="eager")
+    want = Pipeline(backbones["qwen2_vl"], build_method(name, 0.4)).generate(prompts, NEW_TOKENS)
+    got = Pipeline(eager, build_method(name, 0.4)).generate(prompts, NEW_TOKENS)
+    assert [g.text for g in got] == [g.text for g in want]
+    assert [g.stats["kv_tokens"] for g in got] == [g.stats["kv_tokens"] for g in want]
