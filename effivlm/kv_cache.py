@@ -24,7 +24,6 @@ from transformers import Cache
 from effivlm.attention import attention_column_sums, probe_attention
 from effivlm.layer_pruning import layer_mask, repack_left
 from effivlm.methods.base import KVCacheMethod, KVContext
-from effivlm.methods.kv.vlcache import SPARSITY_THRESHOLD
 
 #: query rows per chunk of attention probabilities when scoring (see ``attention_column_sums``)
 SCORE_CHUNK = 128
@@ -109,7 +108,7 @@ class KVCompression:
             self._row_weight.to(query.device),
             scaling=kwargs.get("scaling"),
             key_valid=self.valid,
-            sparsity_threshold=SPARSITY_THRESHOLD if self.method.needs_sparsity else None,
+            sparsity_threshold=self.method.sparsity_threshold,
             chunk=SCORE_CHUNK,
         )
         b, h, length = sums.shape
@@ -137,7 +136,7 @@ class KVCompression:
         capacities = []
         for b, length in enumerate(self.lengths):
             sparsity = None
-            if self.method.needs_sparsity:
+            if self.method.sparsity_threshold is not None:
                 sparsity = [float(s[b]) for s in self.sparsity if s is not None]
             capacities.append(self.method.layer_capacities(length, n, sparsity))
         self.layer_valid = []

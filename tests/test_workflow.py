@@ -92,12 +92,14 @@ def test_default_config_plans_the_embedded_grid(planned) -> None:
 def test_test_config_plans(planned) -> None:
     counts = counts_of(planned, "test")
     assert counts["backbone"] == 2
-    assert counts["evaluate"] == 2 * 2 * (1 + 2 + 1 + 1)
+    # dense, random x2, fastv, visionzip, snapkv on both models and both tasks; lookm on one model
+    assert counts["evaluate"] == 2 * 2 * (1 + 2 + 1 + 1 + 1) + 1 * 2 * 1
 
 
 def test_paper_config_plans_the_full_grid_without_weights(planned) -> None:
     counts = counts_of(planned, "paper")
-    assert counts["evaluate"] == 3 * 15 * (1 + 5 * 3)
+    # dense on all four models; 5 token methods x 3 budgets on three, 7 KV methods x 3 budgets on three
+    assert counts["evaluate"] == 4 * 15 * 1 + 3 * 15 * 5 * 3 + 3 * 15 * 7 * 3
     assert "backbone" not in counts and "synthetic_data" not in counts
 
 

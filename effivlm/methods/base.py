@@ -180,8 +180,9 @@ class KVCacheMethod(Method):
 
     kind: ClassVar[str] = "kv"
     query_rows: ClassVar[str] = "none"
-    #: VL-Cache: the engine also measures each layer's attention sparsity over the query rows
-    needs_sparsity: ClassVar[bool] = False
+    #: VL-Cache: the engine also measures each layer's attention sparsity over the query rows, the share of
+    #: entries below this fraction of their row's maximum (None: no sparsity)
+    sparsity_threshold: ClassVar[float | None] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,8 +10,6 @@ from effivlm.methods.base import KVCacheMethod, KVContext, KVSelection
 from effivlm.methods.kv.select import allocate_budgets, shared_across_heads, top_with_window
 from effivlm.methods.registry import register_method
 
-#: an attention entry below this share of its row's maximum counts as sparse
-SPARSITY_THRESHOLD = 0.01
 #: no layer keeps less than this share of the prompt besides the window (the reference's 0.01 * 0.9)
 MIN_LAYER_SHARE = 0.009
 
@@ -29,7 +27,8 @@ class VLCache(KVCacheMethod):
 
     name: ClassVar[str] = "vlcache"
     query_rows: ClassVar[str] = "post_vision"
-    needs_sparsity: ClassVar[bool] = True
+    #: an attention entry below this share of its row's maximum counts as sparse
+    sparsity_threshold: ClassVar[float | None] = 0.01
 
     def layer_capacities(self, length: int, n_layers: int, sparsity: list[float] | None) -> list[int]:
         capacity = self.capacity(length)
