@@ -237,24 +237,15 @@ def _expected_dense_dir(job: Job) -> str:
     return str(Path(*parts))
 
 
-def _visual_kept_share(metrics: dict[str, Any]) -> float:
-    vt = metrics.get("visual_tokens")
-    if not isinstance(vt, dict):
+def _kept_share(metrics: dict[str, Any], section: str, kept_key: str, total_key: str) -> float:
+    """``metrics[section][kept_key] / metrics[section][total_key]``; NaN where the job did not record them."""
+    counts = metrics.get(section)
+    if not isinstance(counts, dict):
         return math.nan
-    total, kept = vt.get("total"), vt.get("kept")
+    total, kept = counts.get(total_key), counts.get(kept_key)
     if not isinstance(total, int | float) or not isinstance(kept, int | float) or total <= 0:
         return math.nan
     return float(kept) / float(total)
-
-
-def _kv_kept_share(metrics: dict[str, Any]) -> float:
-    kv = metrics.get("kv_cache")
-    if not isinstance(kv, dict):
-        return math.nan
-    dense, kept = kv.get("dense_bytes"), kv.get("bytes")
-    if not isinstance(dense, int | float) or not isinstance(kept, int | float) or dense <= 0:
-        return math.nan
-    return float(kept) / float(dense)
 
 
 def _baseline_of(method_name: str) -> str:
@@ -426,8 +417,8 @@ def _metrics_and_replicates(
                 "flips_lost": lost,
                 "flips_gained": gained,
                 "n": int(m.get("n", len(job.predictions))),
-                "visual_kept_share": _visual_kept_share(m),
-                "kv_kept_share": _kv_kept_share(m),
+                "visual_kept_share": _kept_share(m, "visual_tokens", "kept", "total"),
+                "kv_kept_share": _kept_share(m, "kv_cache", "bytes", "dense_bytes"),
                 "note": "; ".join(n for n in notes if n),
                 "code_version": str(m.get("code_version", "")),
                 "effivlm_version": str(m.get("effivlm_version", "")),
