@@ -220,7 +220,7 @@ def vision_flops(backbone: Backbone, dense: Pipeline, prompts: list[Prompt]) -> 
     sequences: list[int] = []
     width: list[int] = []
 
-    def record(module, query, key, attention_mask, kwargs) -> None:
+    def record(module, query, key, value, attention_mask, kwargs) -> None:
         sequences.extend([key.shape[2]] * key.shape[0])
         width.append(query.shape[1] * query.shape[3])
 

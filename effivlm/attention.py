@@ -22,8 +22,11 @@ from torch import nn
 
 PROBE_IMPLEMENTATION = "effivlm_probe"
 
-#: callback(module, query (B, H, q, d), key (B, KVH, k, d), attention_mask, kwargs)
-ProbeCallback = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any, dict[str, Any]], None]
+#: callback(module, query (B, H, q, d), key (B, KVH, k, d), value (B, KVH, k, d), attention_mask, kwargs): None,
+#: or the attention output (B, q, H, d) when the callback computed it itself (the module's function is skipped)
+ProbeCallback = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, Any]], torch.Tensor | None
+]
 
 _ACTIVE: dict[int, tuple[ProbeCallback, str | None]] = {}
 
@@ -42,7 +45,9 @@ def _base_function(module: nn.Module, implementation: str | None) -> Callable:
 
 def _probed_attention(module, query, key, value, attention_mask, **kwargs):
     callback, implementation = _ACTIVE[id(module)]
-    callback(module, query, key, attention_mask, kwargs)
+    output = callback(module, query, key, value, attention_mask, kwargs)
+    if output is not None:
+        return output, None
     return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -54,8 +59,9 @@ def _register_probe() -> None:
 
 @contextmanager
 def probe_attention(modules: Sequence[nn.Module], callback: ProbeCallback) -> Iterator[None]:
-    """While active, every call of each module's attention function first passes its queries and keys to
-    ``callback``; the attention output is the model's own implementation's, bit for bit."""
+    """While active, every call of each module's attention function first passes its queries, keys and values to
+    ``callback``; the attention output is the model's own implementation's, bit for bit, unless the callback
+    returns one it computed itself (KV-cache scoring does, so that the scored rows are not computed twice)."""
     _register_probe()
     saved: list[tuple[nn.Module, Any]] = []
     try:
@@ -196,15 +202,20 @@ def attention_column_sums(
     scaling: float | None = None,
     key_valid: torch.Tensor | None = None,
     sparsity_threshold: float | None = None,
+    value: torch.Tensor | None = None,
     chunk: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Causal self-attention (a prefill): the attention each key receives from the weighted query rows, per
-    query head, ((B, H, L) float32, sparsity).
+    query head, ((B, H, L) float32, sparsity, output).
 
     ``query`` (B, H, L, d), ``key`` (B, KVH, L, d); ``row_weight`` (B, L): each query row's weight in each sample
     (0 leaves it out, and only weighted rows are computed); ``key_valid`` (B, L) marks left padding. With
     ``sparsity_threshold`` t, ``sparsity`` (B,) is the share of the weighted rows' visible entries whose
     probability is below t times their row's maximum, averaged over heads (VL-Cache's measure); else None.
+    With ``value`` (B, KVH, L, d), where every valid row is weighted, ``output`` (B, L, H, d) is the attention
+    output itself, in the layout transformers' attention functions return (padding rows zero), from the same
+    probabilities: the scores then cost the weighted sum of the values on top of one attention pass, not a
+    second pass; else None.
 
     Each sample runs on its own valid span (no padding mask), a chunk of rows at a time, as the eager softmax
     does it: logits in the inputs' dtype, softmax in float32 and in place, only the keys left of the chunk's
@@ -225,10 +236,13 @@ def attention_column_sums(
     scale = d**-0.5 if scaling is None else scaling
     sums = torch.zeros(b, h, q, dtype=torch.float32, device=query.device)
     sparsity = torch.zeros(b, dtype=torch.float32, device=query.device)
+    output = None if value is None else torch.zeros(b, q, h, d, dtype=value.dtype, device=value.device)
     for s in range(b):
         start = 0 if key_valid is None else int((~key_valid[s].bool()).sum())
         weight = row_weight[s, start:].float().to(query.device)
         rows = weight.nonzero().squeeze(-1)
+        if output is not None and rows.numel() != q - start:
+            raise ValueError("the attention output needs every valid query row weighted")
         keys_t = key[s, :, start:].transpose(-1, -2)  # (KVH, d, n)
         below = torch.zeros(h, dtype=torch.float32, device=query.device)
         visible = 0
@@ -259,6 +273,13 @@ def attention_column_sums(
             # normalise through the weights: sum_i (w_i / Z_i) exp_ij
             scaled = (weight[idx][None, :] / total)[:, None, :]  # (H, 1, c)
             sums[s, :, start : start + width] += torch.matmul(scaled, probs).squeeze(1)
+            if output is not None:
+                # as eager attention: the probabilities in the values' dtype times the values
+                mixed = torch.matmul(
+                    probs.to(value.dtype).reshape(kvh, group * c, width), value[s, :, start:][:, :width]
+                )
+                mixed = mixed.reshape(h, c, d).float().div_(total[..., None])  # (H, c, d)
+                output[s, start + idx] = mixed.transpose(0, 1).to(value.dtype)
         if sparsity_threshold is not None:
             sparsity[s] = (below / max(visible, 1)).mean()
-    return sums, sparsity if sparsity_threshold is not None else None
+    return sums, sparsity if sparsity_threshold is not None else None, output

@@ -98,17 +98,20 @@ class KVCompression:
         self._stack.close()
 
     # ------------------------------------------------------------------ prefill
-    def _score(self, index: dict[int, int], module, query, key, attention_mask, kwargs) -> None:
+    def _score(
+        self, index: dict[int, int], module, query, key, value, attention_mask, kwargs
+    ) -> torch.Tensor | None:
         if not self.in_prefill:
-            return
+            return None
         assert self._row_weight is not None
-        sums, sparsity = attention_column_sums(
+        sums, sparsity, output = attention_column_sums(
             query,
             key,
             self._row_weight.to(query.device),
             scaling=kwargs.get("scaling"),
             key_valid=self.valid,
             sparsity_threshold=self.method.sparsity_threshold,
+            value=value if self._computes_output(kwargs) else None,
             chunk=SCORE_CHUNK,
         )
         b, h, length = sums.shape
@@ -116,6 +119,14 @@ class KVCompression:
         layer = index[id(module)]
         self.scores[layer] = sums.view(b, kv_heads, h // kv_heads, length).sum(dim=2)  # GQA groups summed
         self.sparsity[layer] = sparsity
+        return output
+
+    def _computes_output(self, kwargs: dict[str, Any]) -> bool:
+        """Whether the scoring pass also gives the layer its attention output: when it covers every prompt
+        query (H2O, LOOK-M) and the layer's attention is plain causal softmax attention (no sliding window, soft
+        cap, attention sinks or dropout), so that the scored rows are not computed a second time."""
+        plain = all(kwargs.get(k) is None for k in ("sliding_window", "softcap", "s_aux", "sinks"))
+        return self.method.query_rows == "all" and plain and not kwargs.get("dropout")
 
     def compress(self, cache: Cache) -> torch.Tensor:
         """Cut every layer's prompt cache to what the method keeps; returns the 2-D mask over layer 0's cache."""

@@ -121,7 +121,7 @@ class LayerPruning:
         self.in_prefill = False
 
     # ------------------------------------------------------------------ prefill
-    def _score(self, module, query, key, attention_mask, kwargs) -> None:
+    def _score(self, module, query, key, value, attention_mask, kwargs) -> None:
         if not self.in_prefill:
             return
         self.scores = received_attention(

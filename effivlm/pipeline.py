@@ -187,7 +187,7 @@ class Pipeline:
         recorded: list[torch.Tensor] = []
         queries = "first" if adapter.vision_cls_token else "all"
 
-        def record(module, query, key, attention_mask, kwargs) -> None:
+        def record(module, query, key, value, attention_mask, kwargs) -> None:
             attention = received_attention(query, key, queries=queries, scaling=kwargs.get("scaling"))
             recorded.append(torch.cat([attention[..., None], head_mean_keys(key)], dim=-1))  # (n, P, 1 + d)
 

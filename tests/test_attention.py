@@ -187,7 +187,7 @@ def test_column_sums_and_sparsity_match_the_explicit_softmax(chunk):
     weight[0, 6:] = torch.linspace(0.5, 2.0, 6)  # sample 0: its last six queries, weighted unevenly
     weight[0, 8] = 0.0  # and one of them left out
     weight[1, 4:] = 1.0  # sample 1: every valid query
-    sums, sparsity = attention_column_sums(
+    sums, sparsity, _ = attention_column_sums(
         query, key, weight, key_valid=valid, sparsity_threshold=0.2, chunk=chunk
     )
     probs, want = naive_column_sums(query, key, weight, valid)
@@ -212,12 +212,41 @@ def test_column_sums_over_many_rows_match_the_explicit_softmax(dtype):
     valid = left_padding(2, 40, [0, 9])
     weight = torch.rand(2, 40, generator=torch.Generator().manual_seed(1)) * valid
     weight[0, 5:9] = 0.0
-    sums, sparsity = attention_column_sums(query.to(dtype), key.to(dtype), weight, key_valid=valid, chunk=8)
+    sums, sparsity, _ = attention_column_sums(
+        query.to(dtype), key.to(dtype), weight, key_valid=valid, chunk=8
+    )
     assert sparsity is None
     _, want = naive_column_sums(query.to(dtype), key.to(dtype), weight, valid)
     tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(sums.double(), want, **tolerance)
     assert (sums[1, :, :9] == 0).all()  # padding keys receive nothing
+
+
+@pytest.mark.parametrize("chunk", [3, 128])
+def test_column_sums_also_give_the_attention_output(chunk):
+    """With the values, the scoring pass returns the layer's attention output (B, L, H, d) too: sdpa's on every
+    valid row, zeros on padding rows; it needs every valid row weighted."""
+    query, key = random_qk(b=2, h=4, kvh=2, q=12, k=12, d=8, seed=7)
+    value = torch.randn(2, 2, 12, 8, generator=torch.Generator().manual_seed(8))
+    valid = left_padding(2, 12, [0, 4])
+    sums, _, output = attention_column_sums(
+        query, key, valid.float(), key_valid=valid, value=value, chunk=chunk
+    )
+    for s, start in ((0, 0), (1, 4)):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            query[s : s + 1, :, start:],
+            key[s : s + 1, :, start:],
+            value[s : s + 1, :, start:],
+            is_causal=True,
+            enable_gqa=True,
+        )  # (1, H, n, d)
+        torch.testing.assert_close(output[s, start:], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    assert (output[1, :4] == 0).all()
+    torch.testing.assert_close(sums, attention_column_sums(query, key, valid.float(), key_valid=valid)[0])
+    some = valid.float()
+    some[0, 3] = 0.0
+    with pytest.raises(ValueError, match="every valid query row weighted"):
+        attention_column_sums(query, key, some, key_valid=valid, value=value)
 
 
 def test_chosen_rows_only():
@@ -350,7 +379,7 @@ def test_probed_queries_and_keys_give_the_eager_attention(llava, llava_eager, pa
     head_dim = config.hidden_size // heads
     seen = []
 
-    def record(module, query, key, attention_mask, kwargs):
+    def record(module, query, key, value, attention_mask, kwargs):
         assert module is layer_attention(llava, 1)
         assert query.shape == (2, heads, 9, head_dim)
         assert key.shape == (2, kv_heads, 9, head_dim)
@@ -385,7 +414,7 @@ def _probe_qk(backbone, lm, inputs):
     got = []
     with (
         torch.no_grad(),
-        probe_attention([layer_attention(backbone, 1)], lambda m, q, k, mask, kw: got.append((q, k))),
+        probe_attention([layer_attention(backbone, 1)], lambda m, q, k, v, mask, kw: got.append((q, k))),
     ):
         lm(**inputs)
     return got[0]
@@ -454,7 +483,7 @@ def test_vision_probe_signals_align_with_the_image_features(tiny_paths, images, 
     queries = "first" if adapter.vision_cls_token else "all"
     recorded, calls = [], []
 
-    def record(module, query, key, attention_mask, kwargs):
+    def record(module, query, key, value, attention_mask, kwargs):
         calls.append(module)
         attention = received_attention(query, key, queries=queries, scaling=kwargs.get("scaling"))
         recorded.append(torch.cat([attention[..., None], head_mean_keys(key)], dim=-1))  # (n, P, 1 + d)
