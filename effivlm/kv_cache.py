@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Cache
 
 from effivlm.attention import attention_column_sums, probe_attention
-from effivlm.layer_pruning import layer_mask, repack_left
+from effivlm.layer_pruning import decode_mask, repack_left
 from effivlm.methods.base import KVCacheMethod, KVContext
 
 #: query rows per chunk of attention probabilities when scoring (see ``attention_column_sums``)
@@ -144,18 +144,18 @@ class KVCompression:
                 raise RuntimeError(f"layer {i} never ran its attention during the prefill")
         n = len(self.layers)
         padded = self.valid.shape[1]
-        capacities = []
+        capacities, windows = [], []
         for b, length in enumerate(self.lengths):
             sparsity = None
             if self.method.sparsity_threshold is not None:
                 sparsity = [float(s[b]) for s in self.sparsity if s is not None]
             capacities.append(self.method.layer_capacities(length, n, sparsity))
+            windows.append(self.method.window_size(self.method.capacity(length)))
         self.layer_valid = []
         for i, layer in enumerate(cache.layers):
             keys, values = [], []
             for b, length in enumerate(self.lengths):
                 start = padded - length
-                window = self.method.window_size(self.method.capacity(length))
                 scores = self.scores[i]
                 ctx = KVContext(
                     keys=layer.keys[b, :, start:],
@@ -163,7 +163,7 @@ class KVCompression:
                     scores=scores[b, :, start:] if scores is not None else None,
                     is_image=self.is_image[b, start:],
                     capacity=min(capacities[b][i], length),
-                    window=min(window, capacities[b][i], length),
+                    window=min(windows[b], capacities[b][i], length),
                     layer_index=i,
                 )
                 chosen = self.method.select(ctx)
@@ -187,16 +187,11 @@ class KVCompression:
     def _pre_hook(self, index: int, module, args, kwargs):
         if self.in_prefill or self.layer_valid is None:
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        q_len = hidden.shape[1]
-        cached = kwargs["past_key_values"].layers[index].keys.shape[-2]
-        valid = self.layer_valid[index]
-        grown = valid.new_ones(hidden.shape[0], cached + q_len - valid.shape[1])
-        mask = layer_mask(
-            torch.cat([valid, grown], dim=1),
-            q_len,
+        mask = decode_mask(
+            self.layer_valid[index],
+            kwargs["past_key_values"].get_seq_length(index),
+            args[0] if args else kwargs["hidden_states"],
             self.implementation,
-            hidden.dtype,
             kwargs.get("attention_mask"),
         )
         return args, {**kwargs, "attention_mask": mask}

@@ -49,6 +49,17 @@ def gather_sequence(t: torch.Tensor, rows: list[torch.Tensor], dim: int) -> torc
     return out.movedim((0, 1), (dim - 1, dim))
 
 
+def decode_mask(
+    valid: torch.Tensor, cached: int, hidden: torch.Tensor, implementation: str, like: Any
+) -> Any:
+    """``layer_mask`` for a decode step over a layer cache that holds ``cached`` entries, the first of which are
+    the prompt's with padding mask ``valid`` (B, k) and the rest decoded tokens; ``hidden`` (B, q, D) is the
+    step's input."""
+    q_len = hidden.shape[1]
+    grown = valid.new_ones(hidden.shape[0], cached + q_len - valid.shape[1])
+    return layer_mask(torch.cat([valid, grown], dim=1), q_len, implementation, hidden.dtype, like)
+
+
 def layer_mask(valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype, like: Any) -> Any:
     """The attention mask a decoder layer takes for queries that are the last ``q_len`` of ``valid`` (B, kv).
 
@@ -190,14 +201,11 @@ class LayerPruning:
                 return None
             if index == self.k:
                 assert self.short_valid is not None
-                q_len = hidden.shape[1]
-                kv = kwargs["past_key_values"].get_seq_length(self.k) + q_len
-                grown = self.short_valid.new_ones(hidden.shape[0], kv - self.short_valid.shape[1])
-                self.decode_mask = layer_mask(
-                    torch.cat([self.short_valid, grown], dim=1),
-                    q_len,
+                self.decode_mask = decode_mask(
+                    self.short_valid,
+                    kwargs["past_key_values"].get_seq_length(self.k),
+                    hidden,
                     self.implementation,
-                    hidden.dtype,
                     kwargs.get("attention_mask"),
                 )
             kwargs = {**kwargs, "attention_mask": self.decode_mask}
