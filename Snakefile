@@ -16,6 +16,15 @@ include: "rules/evaluate.smk"
 include: "rules/aggregate.smk"
 
 
+# Tables and figures read the jobs' small outputs and need no GPU: under a cluster executor they run on the
+# submitting node instead of waiting in the queue.
+localrules:
+    all,
+    aggregate,
+    figure_retained,
+    figure_task_ratios,
+
+
 rule all:
     default_target: True
     input:

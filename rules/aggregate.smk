@@ -13,8 +13,7 @@ rule aggregate:
         code_version=effivlm.CODE_VERSION,
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **scaled(mem_mb=4000, runtime=30),
     conda:
         "../environment.yml"
     script:
@@ -34,8 +33,7 @@ rule figure_retained:
         code_version=effivlm.CODE_VERSION,
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **scaled(mem_mb=2000, runtime=10),
     conda:
         "../environment.yml"
     script:
@@ -55,8 +53,7 @@ rule figure_task_ratios:
         code_version=effivlm.CODE_VERSION,
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **scaled(mem_mb=2000, runtime=10),
     conda:
         "../environment.yml"
     script:

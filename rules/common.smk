@@ -158,8 +158,19 @@ def compressed_checkpoints():
 # ------------------------------------------------------------------------------------ resources (SLURM hints)
 
 
+def scaled(mem_mb, runtime, **extra):
+    """Memory (MB) and runtime (minutes) that grow with each retry: attempt k asks for k times the base, so a
+    job SLURM killed for memory or time comes back with more (the profile sets the number of retries)."""
+    return {
+        "mem_mb": lambda wildcards, attempt: mem_mb * attempt,
+        "runtime": lambda wildcards, attempt: runtime * attempt,
+        **extra,
+    }
+
+
 def gpu_resources(mem_mb_cpu, mem_mb_gpu, runtime_cpu, runtime_gpu):
-    """A GPU request only when the config asks for CUDA (gpu=1 becomes --gpus=1 under the SLURM executor)."""
+    """A GPU request only when the config asks for CUDA (gpu=1 becomes --gpus=1 under the SLURM executor);
+    memory and runtime grow with each retry."""
     if CUDA:
-        return {"gpu": 1, "mem_mb": mem_mb_gpu, "runtime": runtime_gpu}
-    return {"mem_mb": mem_mb_cpu, "runtime": runtime_cpu}
+        return scaled(mem_mb_gpu, runtime_gpu, gpu=1)
+    return scaled(mem_mb_cpu, runtime_cpu)

@@ -16,8 +16,7 @@ rule calibration_set:
         code_version=effivlm.CODE_VERSION,
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=30,
+        **scaled(mem_mb=2000, runtime=30),
     conda:
         "../environment.yml"
     script:

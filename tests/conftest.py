@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, TestRun, snakemake
 from PIL import Image
 
 from effivlm.backbones import available_families, get_adapter
@@ -64,3 +65,14 @@ def prompts(images) -> list[Prompt]:
         Prompt([images[1], images[2]], "how many shapes are there?"),
         Prompt([images[3]], "how many shapes?"),
     ]
+
+
+@pytest.fixture(scope="session")
+def test_run(tmp_path_factory) -> TestRun:
+    """configs/test.yaml run end to end once per session on 2 cores (the integration tests read it; a test
+    that changes it works on a copy)."""
+    workdir = tmp_path_factory.mktemp("test-run")
+    results = workdir / "results"
+    args = ("--configfile", str(REPO / "configs/test.yaml"), "--config", f"results={results}")
+    result = snakemake(workdir, "--cores", "2", *args, timeout=900)
+    return TestRun(workdir, results, result)

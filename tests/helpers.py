@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -14,6 +17,44 @@ from effivlm.methods import build_method
 from effivlm.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+REPO = ROOT
+
+
+# ---------------------------------------------------------------------------- the workflow
+DRY = ("--dry-run", "--cores", "2")
+
+
+def command(workdir: Path, *args: str) -> list[str]:
+    """The repository's workflow, run with its own working directory (its .snakemake/ stays out of the repo)."""
+    snakefile = str(REPO / "Snakefile")
+    return [sys.executable, "-m", "snakemake", "--snakefile", snakefile, "--directory", str(workdir), *args]
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(workdir, *args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> number of jobs."""
+    table = stdout.split("Job stats:", 1)[1]
+    return {m["rule"]: int(m["count"]) for m in re.finditer(r"^(?P<rule>\w+)\s+(?P<count>\d+)$", table, re.M)}
+
+
+@dataclass(frozen=True)
+class TestRun:
+    """A finished local run of configs/test.yaml: its Snakemake working directory (with .snakemake/), its
+    results folder and the completed process. Shared by the whole session: copy it before changing it."""
+
+    __test__ = False  # not a test class
+
+    workdir: Path
+    results: Path
+    result: subprocess.CompletedProcess[str]
+
+    def config_args(self) -> tuple[str, ...]:
+        return ("--configfile", str(REPO / "configs/test.yaml"), "--config", f"results={self.results}")
 
 
 # ---------------------------------------------------------------------------- benchmarks

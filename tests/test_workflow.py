@@ -3,42 +3,20 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from helpers import DRY, REPO, TestRun, command, job_counts, snakemake
 
 from effivlm.checkpoints import METADATA
 from effivlm.methods import kept_count, kv_capacity
 
-REPO = Path(__file__).resolve().parents[1]
 METRICS_COLUMNS = ["model", "method", "budget", "task", "score", "dense_score", "ratio", "loyalty", "n"]
 FIGURES = ["retained_vs_budget", "task_ratios"]
 
 
-def command(workdir: Path, *args: str) -> list[str]:
-    """The repository's workflow, run with its own working directory (its .snakemake/ stays out of the repo)."""
-    snakefile = str(REPO / "Snakefile")
-    return [sys.executable, "-m", "snakemake", "--snakefile", snakefile, "--directory", str(workdir), *args]
-
-
-def snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command(workdir, *args), capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def job_counts(stdout: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run: rule -> number of jobs."""
-    table = stdout.split("Job stats:", 1)[1]
-    return {m["rule"]: int(m["count"]) for m in re.finditer(r"^(?P<rule>\w+)\s+(?P<count>\d+)$", table, re.M)}
-
-
-DRY = ("--dry-run", "--cores", "2")
 PAPER = ("--configfile", str(REPO / "configs/paper.yaml"))
 PLANS = {
     "default": DRY,
@@ -137,18 +115,8 @@ def test_lint_is_clean(planned, name: str) -> None:
 
 
 @pytest.mark.slow
-def test_whole_dag_on_the_test_config(tmp_path: Path) -> None:
-    results = tmp_path / "results"
-    result = snakemake(
-        tmp_path,
-        "--cores",
-        "2",
-        "--configfile",
-        str(REPO / "configs/test.yaml"),
-        "--config",
-        f"results={results}",
-        timeout=900,
-    )
+def test_whole_dag_on_the_test_config(test_run: TestRun) -> None:
+    tmp_path, results, result = test_run.workdir, test_run.results, test_run.result
     assert result.returncode == 0, result.stderr[-5000:]
 
     metrics = pd.read_csv(results / "tables" / "metrics.csv")
