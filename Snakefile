@@ -8,11 +8,15 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/backbones.smk"
 include: "rules/compress.smk"
 include: "rules/evaluate.smk"
+include: "rules/efficiency.smk"
 include: "rules/aggregate.smk"
 
 
@@ -21,8 +25,11 @@ include: "rules/aggregate.smk"
 localrules:
     all,
     aggregate,
+    paper_tables,
     figure_retained,
     figure_task_ratios,
+    figure_loyalty,
+    figure_pareto,
 
 
 rule all:

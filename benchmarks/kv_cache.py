@@ -50,9 +50,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -63,7 +61,6 @@ from PIL import Image
 from effivlm.backbones.base import TinySizes
 from effivlm.backbones.loading import Backbone
 from effivlm.efficiency.bench import (
-    CORPUS,
     IMAGE_SIZES,
     STATS,
     Report,
@@ -79,14 +76,14 @@ from effivlm.efficiency.bench import (
     positive,
     random_backbone,
     setup_record,
-    synchronize,
     time_interleaved,
     timing_line,
 )
 from effivlm.efficiency.flops import DecoderShape, layer_flops, linear_flops
+from effivlm.efficiency.profile import decode_run, no_eos, question, ttft_run
 from effivlm.methods import build_method
 from effivlm.methods.base import KVCacheMethod
-from effivlm.pipeline import Generation, Pipeline, Prompt
+from effivlm.pipeline import Pipeline, Prompt
 
 DEFAULT_METHODS = "streamingllm,random_kv,h2o,snapkv,pyramidkv,vlcache,lookm"
 DEFAULT_BUDGETS = "0.01,0.1,0.4"
@@ -169,39 +166,6 @@ def model_sizes(args: argparse.Namespace) -> TinySizes:
 
 
 # ---------------------------------------------------------------------------------------------- prompts
-@contextmanager
-def no_eos(backbone: Backbone) -> Iterator[None]:
-    """Set the end-of-sequence logit to -inf, so that greedy decoding runs every step it is asked for."""
-    eos = backbone.processor.tokenizer.eos_token_id
-
-    def hook(module, inputs, output):
-        output[..., eos] = float("-inf")
-        return output
-
-    handle = backbone.adapter.lm_head(backbone.model).register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def question(tokenizer: Any, n_tokens: int) -> str:
-    """A question of ``n_tokens`` tokens: corpus words, then a question mark. The byte-level pre-tokenizer splits
-    at spaces, so the text's tokens are its words' own tokens (a word after a space, the first without one)."""
-    words = " ".join(CORPUS).replace("?", "").split()
-
-    def cost(i: int) -> int:
-        word = words[i % len(words)]
-        return len(tokenizer(word if i == 0 else " " + word, add_special_tokens=False)["input_ids"])
-
-    out: list[str] = []
-    total = 1  # the question mark
-    while total + cost(len(out)) <= n_tokens:
-        total += cost(len(out))
-        out.append(words[len(out) % len(words)])
-    return " ".join(out) + "?"
-
-
 def make_prompts(args: argparse.Namespace, backbone: Backbone) -> list[Prompt]:
     """``args.batch`` copies of one prompt: a random image and a question of ``--text-tokens`` tokens, or sized so
     that the whole prompt (chat template and visual tokens included) has ``--prompt-tokens`` tokens."""
@@ -226,50 +190,14 @@ def make_prompts(args: argparse.Namespace, backbone: Backbone) -> list[Prompt]:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def ttft_run(pipe: Pipeline, prompts: list[Prompt], device: str) -> tuple[float, list[Generation]]:
-    """Wall time of ``generate(prompts, max_new_tokens=1)`` in ms, and its generations."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    gens = pipe.generate(prompts, max_new_tokens=1)
-    synchronize(device)
-    return (time.perf_counter() - t0) * 1e3, gens
-
-
-def decode_run(
-    pipe: Pipeline, prompts: list[Prompt], steps: int, device: str
-) -> tuple[float, list[Generation]]:
-    """The median time of ``steps`` steady-state decode steps in ms, and the generations (see the docstring)."""
-    ends: list[float] = []
-
-    def hook(module, inputs, output):
-        synchronize(device)
-        ends.append(time.perf_counter())
-
-    backbone = pipe.backbone
-    handle = backbone.adapter.language_model(backbone.model).register_forward_hook(hook)
-    try:
-        gens = pipe.generate(prompts, max_new_tokens=steps + 2)
-    finally:
-        handle.remove()
-    if any(g.stats["new_tokens"] != steps + 2 for g in gens) or len(ends) != steps + 2:
-        raise RuntimeError(
-            f"decoding stopped early: {steps + 2} new tokens asked, got {[g.stats['new_tokens'] for g in gens]} "
-            f"in {len(ends) - 1} decode forwards"
-        )
-    step_ms = [(b - a) * 1e3 for a, b in zip(ends[1:], ends[2:], strict=False)]
-    return statistics.median(step_ms), gens
-
-
 def measure(
     backbone: Backbone, prompts: list[Prompt], specs: list[tuple[str, float]], args: argparse.Namespace
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     jobs: dict[str, Callable[[], tuple[float, Any]]] = {}
     for method, budget in specs:
         pipe = Pipeline(backbone, build_method(method, budget), seed=args.seed)
-        jobs[f"ttft {method}@{budget:g}"] = partial(ttft_run, pipe, prompts, args.device)
-        jobs[f"decode {method}@{budget:g}"] = partial(
-            decode_run, pipe, prompts, args.decode_steps, args.device
-        )
+        jobs[f"ttft {method}@{budget:g}"] = partial(ttft_run, pipe, prompts)
+        jobs[f"decode {method}@{budget:g}"] = partial(decode_run, pipe, prompts, args.decode_steps)
     with no_eos(backbone):
         return time_interleaved(jobs, args.warmup, args.repeats, first=2)
 

@@ -56,10 +56,10 @@ from effivlm.efficiency.bench import (
     random_backbone,
     setup_record,
     time_interleaved,
-    time_once,
     timing_line,
     write_report,
 )
+from effivlm.efficiency.profile import time_call as time_once
 from effivlm.methods import build_method
 from effivlm.pipeline import Generation, Pipeline, Prompt
 

@@ -104,10 +104,10 @@ from effivlm.efficiency.bench import (
     parse_resolved,
     positive,
     setup_record,
-    synchronize,
     time_interleaved,
-    time_once,
 )
+from effivlm.efficiency.profile import synchronize
+from effivlm.efficiency.profile import time_call as time_once
 from effivlm.methods.weights import build_weight_method
 from effivlm.methods.weights.qlinear import QuantLinear
 from effivlm.registry import closest_hint

@@ -480,7 +480,16 @@ def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     _check_methods(raw)
     _check_method_models(raw)
     _check_tasks(raw)
+    _check_efficiency(raw)
     return raw
+
+
+def _check_efficiency(cfg: dict[str, Any]) -> None:
+    """Every model the efficiency rule profiles is a configured model (default: all of them)."""
+    section = cfg["efficiency"]
+    models = section.setdefault("models", list(cfg["models"]))
+    for i, model in enumerate(models):
+        _check_known(f"efficiency.models[{i}]", "model", model, list(cfg["models"]))
 
 
 # ------------------------------------------------------------------------------------- jobs and paths
@@ -514,6 +523,26 @@ def eval_jobs(cfg: Mapping[str, Any]) -> list[Job]:
 
 def job_dir(cfg: Mapping[str, Any], job: Job) -> str:
     return f"{cfg['results']}/eval/{job.model}/{job.variant}/{job.budget_str}/{job.task}"
+
+
+def efficiency_jobs(cfg: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Every (model, variant, budget) the efficiency rule profiles, the budget as its folder name."""
+    return [
+        (model, variant, format_budget(budget))
+        for model in cfg["efficiency"]["models"]
+        for variant, spec in cfg["methods"].items()
+        if model in spec["models"]
+        for budget in spec["budgets"]
+    ]
+
+
+def efficiency_file(cfg: Mapping[str, Any], model: str, variant: str, budget: str) -> str:
+    return f"{cfg['results']}/efficiency/{model}/{variant}/{budget}.json"
+
+
+def efficiency_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The efficiency section without its model list: what changes a profile's figures."""
+    return canonical({k: v for k, v in cfg["efficiency"].items() if k != "models"})
 
 
 def synthetic_dir(cfg: Mapping[str, Any]) -> str:

@@ -2,7 +2,10 @@
 import os
 import sys
 
+from snakemake.exceptions import WorkflowError
+
 import effivlm
+from effivlm.reporting.tables import TABLES
 from effivlm.config import (
     BUDGET_PATTERN,
     ConfigError,
@@ -10,6 +13,9 @@ from effivlm.config import (
     calibration_file,
     choice_pattern,
     compressed_dir,
+    efficiency_file,
+    efficiency_jobs,
+    efficiency_settings,
     embedded_models,
     eval_jobs,
     job_dir,
@@ -57,15 +63,21 @@ wildcard_constraints:
 # ---------------------------------------------------------------------------------------------- targets
 
 
+PAPER_TABLES = TABLES
+FIGURES = ("retained_vs_budget", "task_ratios", "loyalty_heatmap", "pareto_OP", "pareto_OL")
+
+
 def final_outputs():
     return [
         *tables(),
-        *(f"{RESULTS}/figures/{name}.{ext}" for name in ("retained_vs_budget", "task_ratios") for ext in ("png", "svg")),
+        *(f"{RESULTS}/tables/paper/{name}.{ext}" for name in PAPER_TABLES for ext in ("csv", "md", "tex")),
+        *(f"{RESULTS}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "svg")),
     ]
 
 
 def tables():
-    return [f"{RESULTS}/tables/{name}" for name in ("metrics.csv", "summary.csv", "summary.md")]
+    names = ("metrics.csv", "summary.csv", "summary.md", "efficiency.csv", "pareto.csv")
+    return [f"{RESULTS}/tables/{name}" for name in names]
 
 
 def all_metrics():
@@ -151,6 +163,29 @@ def compress_inputs(wildcards):
     return inputs
 
 
+# ------------------------------------------------------------------------------------------------ efficiency
+
+
+def all_efficiency():
+    return [efficiency_file(CFG, *job) for job in efficiency_jobs(CFG)]
+
+
+def variant_weights(variant):
+    """The weights entry a variant runs on, or None."""
+    weights = CFG["methods"][variant].get("weights")
+    return None if weights is None else weights_spec(CFG, weights)
+
+
+def efficiency_inputs(wildcards):
+    """Nothing for a random backbone; otherwise the model the variant's evaluations load."""
+    if CFG["efficiency"]["backbone"] == "random":
+        return {}
+    weights = CFG["methods"][wildcards.variant].get("weights")
+    if weights is not None:
+        return {"compressed": compressed_dir(CFG, wildcards.model, weights)}
+    return embedded_backbone(wildcards.model)
+
+
 def compressed_checkpoints():
     return [compressed_dir(CFG, model, weights) for model, weights in weight_jobs(CFG)]
 
@@ -166,6 +201,15 @@ def scaled(mem_mb, runtime, **extra):
         "runtime": lambda wildcards, attempt: runtime * attempt,
         **extra,
     }
+
+
+def every_core(wildcards):
+    """threads of a timing job: every core Snakemake may use (--cores), so that no other local job runs
+    beside it; 1 where no --cores is given (--report, --lint)."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
 
 
 def gpu_resources(mem_mb_cpu, mem_mb_gpu, runtime_cpu, runtime_gpu):

@@ -234,8 +234,9 @@ def test_zero_dense_score_gives_nan_ratio_with_a_note(tmp_path: Path) -> None:
 def test_aggregate_writes_tables_atomically_and_deterministically(jobs: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "tables"
     paths = aggregate(jobs, out)
-    assert set(paths) == {"metrics", "summary", "summary_md"}
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "summary.csv", "summary.md"]
+    assert set(paths) == {"metrics", "summary", "summary_md", "efficiency", "pareto"}
+    names = ["efficiency.csv", "metrics.csv", "pareto.csv", "summary.csv", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == names
     first = {k: p.read_bytes() for k, p in paths.items()}
     aggregate(list(reversed(jobs)), out)
     assert {k: p.read_bytes() for k, p in paths.items()} == first

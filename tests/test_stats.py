@@ -162,3 +162,13 @@ def test_unpaired_or_empty_arrays_are_refused() -> None:
         loyalty_interval(np.array([], dtype=bool))
     with pytest.raises(ValueError, match="one value per replicate"):
         paired_bootstrap(np.ones(3), np.ones(3), lambda c, d: c, n_boot=5)
+
+
+def test_paired_replicates_equal_the_separate_ones(scores: tuple[np.ndarray, np.ndarray]) -> None:
+    from effivlm.metrics.stats import paired_replicates
+
+    comp, dense = scores
+    agree = comp == dense
+    ratio, loyal = paired_replicates(comp, dense, agree, 200, 7)
+    np.testing.assert_allclose(ratio, ratio_replicates(comp, dense, 200, 7), rtol=1e-12)
+    np.testing.assert_allclose(loyal, loyalty_replicates(agree, 200, 7), rtol=1e-12)

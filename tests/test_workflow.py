@@ -14,7 +14,8 @@ from effivlm.checkpoints import METADATA
 from effivlm.methods import kept_count, kv_capacity
 
 METRICS_COLUMNS = ["model", "method", "budget", "task", "score", "dense_score", "ratio", "loyalty", "n"]
-FIGURES = ["retained_vs_budget", "task_ratios"]
+FIGURES = ["retained_vs_budget", "task_ratios", "loyalty_heatmap", "pareto_OP", "pareto_OL"]
+PAPER_TABLES = ["scores", "op", "og_ol", "compression", "efficiency"]
 
 
 PAPER = ("--configfile", str(REPO / "configs/paper.yaml"))
@@ -67,6 +68,7 @@ def test_default_config_plans_the_embedded_grid(planned) -> None:
     assert counts["backbone"] == len(cfg["models"])
     assert counts["evaluate"] == len(cfg["models"]) * len(cfg["tasks"]) * n_variants
     assert counts["aggregate"] == counts["figure_retained"] == counts["figure_task_ratios"] == 1
+    assert counts["efficiency"] == n_variants * len(cfg["efficiency"]["models"])
 
 
 def test_test_config_plans(planned) -> None:
@@ -79,6 +81,8 @@ def test_test_config_plans(planned) -> None:
     assert counts["calibration_set"] == 1
     assert counts["calibrate"] == 2
     assert counts["compress"] == 3
+    # the efficiency rule profiles Qwen2-VL only: its 9 (variant, budget) pairs
+    assert counts["efficiency"] == 9
 
 
 def test_paper_config_plans_the_full_grid_without_weights(planned) -> None:
@@ -88,6 +92,9 @@ def test_paper_config_plans_the_full_grid_without_weights(planned) -> None:
     assert counts["evaluate"] == 4 * 15 * 1 + 3 * 15 * 5 * 3 + 3 * 15 * 7 * 3 + 3 * 15 * 10
     assert counts["compress"] == 3 * 10 and counts["calibrate"] == 3 and counts["calibration_set"] == 1
     assert "backbone" not in counts and "synthetic_data" not in counts
+    # one efficiency job per (model, variant, budget): every evaluation's grid without its 15 tasks
+    assert counts["efficiency"] * 15 == counts["evaluate"]
+    assert counts["paper_tables"] == 1 and counts["figure_pareto"] == 2 and counts["figure_loyalty"] == 1
 
 
 def test_a_configfile_replaces_the_default_config(planned) -> None:
@@ -186,6 +193,34 @@ def test_whole_dag_on_the_test_config(test_run: TestRun) -> None:
     for name in FIGURES:
         for ext in ("png", "svg"):
             assert (results / "figures" / f"{name}.{ext}").stat().st_size > 0
+
+    # Efficiency: one record per (model, variant, budget) of the profiled model (Qwen2-VL only in the test
+    # config), task-independent; OE in the summary, speedups of dense against itself exactly 1.
+    efficiency = pd.read_csv(results / "tables" / "efficiency.csv")
+    profiled = efficiency[efficiency["model"] == "qwen2-vl-tiny"]
+    qwen_rows = metrics[metrics["model"] == "qwen2-vl-tiny"][["method", "budget"]].drop_duplicates()
+    assert len(profiled) == len(qwen_rows) == 9
+    dense_eff = profiled[profiled["method"] == "dense"].iloc[0]
+    assert dense_eff["ttft_speedup"] == 1.0 and dense_eff["decode_speedup"] == 1.0
+    snap = profiled[profiled["method"] == "snapkv"].iloc[0]
+    assert snap["kv_share"] < 0.2  # a tenth of the cache, up to rounding on a short prompt
+    fastv = profiled[profiled["method"] == "fastv"].iloc[0]
+    assert fastv["prefill_flops_share"] < 1.0 and fastv["ttft_ms"] > 0
+    summary = pd.read_csv(results / "tables" / "summary.csv")
+    assert summary.loc[summary["model"] == "qwen2-vl-tiny", "ttft_speedup"].notna().all()
+    assert summary.loc[summary["model"] == "llava-ov-tiny", "ttft_speedup"].isna().all()  # not profiled
+    pareto = pd.read_csv(results / "tables" / "pareto.csv")
+    assert pareto["on_front"].any() and set(pareto["quality"]) == {"OP", "OL"}
+    for name in PAPER_TABLES:
+        for ext in ("csv", "md", "tex"):
+            assert (results / "tables" / "paper" / f"{name}.{ext}").stat().st_size > 0
+
+    # The HTML report gathers the figures and tables, self-contained.
+    report = snakemake(tmp_path, "--report", str(tmp_path / "report.html"), *test_run.config_args())
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    for category in ("Performance", "Trade-offs", "Paper tables"):
+        assert category in html
 
     # A second run finds nothing to do: every output is complete and no param drifts between runs.
     test_cfg = ("--configfile", str(REPO / "configs/test.yaml"), "--config", f"results={results}")

@@ -15,7 +15,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,18 +26,11 @@ from effivlm.backbones import available_families, get_adapter
 from effivlm.backbones.base import TinySizes
 from effivlm.backbones.loading import DTYPES, Backbone, load_backbone
 from effivlm.backbones.tiny import build_tiny, save_backbone
+from effivlm.efficiency.profile import CORPUS, RANDOM_IMAGE_SIZES
 from effivlm.io import write_text_atomic
 from effivlm.methods import available_methods
 
-#: the tokenizer's training text, and the words the benchmarks' questions are made of
-CORPUS = [
-    "what color is the shape at the top left of the picture?",
-    "how many shapes are there in the image and where are they?",
-    "red green blue yellow one two three four yes no left right top bottom",
-]
-#: image side giving about 1,000 visual tokens: Qwen/InternVL 8 px patches merged 2 x 2 -> (512/16)^2 = 1024;
-#: LLaVA-OneVision 16 px patches, base view plus one AnyRes crop plus a newline per row -> 2 * 22^2 + 22 = 990
-IMAGE_SIZES = {"qwen2_vl": 512, "qwen2_5_vl": 512, "internvl": 512, "llava_onevision": 352}
+IMAGE_SIZES = RANDOM_IMAGE_SIZES
 #: Qwen2's MLP width relative to its hidden size (18944 / 3584), for a --hidden given without --intermediate
 MLP_RATIO = 18944 / 3584
 #: how the timed runs of a point are summarised; min suits a machine shared with other jobs (noise only adds)
@@ -209,27 +201,6 @@ def random_backbone(args: argparse.Namespace) -> Iterator[Backbone]:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def synchronize(device: str) -> None:
-    """Wait for the GPU's queued work on ``cuda``; nothing on ``cpu``."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_once(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
-    """Wall time of one call of ``fn`` in ms (CUDA events on ``cuda``), and its result."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        result = fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end), result
-    t0 = time.perf_counter()
-    result = fn()
-    return (time.perf_counter() - t0) * 1e3, result
-
-
 def time_interleaved(
     jobs: dict[str, Callable[[], tuple[float, Any]]], warmup: int, repeats: int, first: int = 0
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:

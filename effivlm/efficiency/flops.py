@@ -23,6 +23,7 @@ prefill and by the KV length of every layer for decoding, so the same functions 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,12 +42,25 @@ class DecoderShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    #: per-layer MLP widths when they differ from ``intermediate`` (a structurally pruned model, CFSP);
+    #: empty: every layer has ``intermediate`` channels
+    intermediates: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "vocab"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DecoderShape.{name} must be a positive int, got {value!r}")
+        widths = tuple(self.intermediates)
+        if widths and (len(widths) != self.layers or any(not isinstance(w, int) or w <= 0 for w in widths)):
+            raise ValueError(
+                f"DecoderShape.intermediates must hold {self.layers} positive ints, one per layer, got {widths}"
+            )
+        object.__setattr__(self, "intermediates", widths)
+
+    def mlp_width(self, layer: int | None) -> int:
+        """The MLP width of ``layer`` (``None``: the config's ``intermediate``)."""
+        return self.intermediates[layer] if self.intermediates and layer is not None else self.intermediate
 
     @classmethod
     def from_config(cls, text_config: Any) -> DecoderShape:
@@ -65,12 +79,25 @@ class DecoderShape:
             vocab=text_config.vocab_size,
         )
 
+    @classmethod
+    def from_model(cls, text_config: Any, layers: Sequence[Any]) -> DecoderShape:
+        """:meth:`from_config` with each decoder layer's actual MLP width (the input width of its
+        ``mlp.down_proj``), so that channels a structured method removed are not counted."""
+        shape = cls.from_config(text_config)
+        widths = tuple(int(layer.mlp.down_proj.in_features) for layer in layers)
+        if len(widths) != shape.layers:
+            raise ValueError(f"{len(widths)} decoder layers given, the config has {shape.layers}")
+        if all(w == shape.intermediate for w in widths):
+            return shape
+        return dataclasses.replace(shape, intermediates=widths)
 
-def linear_flops(shape: DecoderShape, n_tokens: int) -> float:
-    """FLOPs of one layer's projections and MLP for ``n_tokens`` tokens (no attention over keys)."""
+
+def linear_flops(shape: DecoderShape, n_tokens: int, layer: int | None = None) -> float:
+    """FLOPs of one layer's projections and MLP for ``n_tokens`` tokens (no attention over keys); ``layer``
+    picks that layer's MLP width when the widths differ."""
     q_o = 2 * shape.hidden * shape.heads * shape.head_dim  # q and o
     k_v = 2 * shape.hidden * shape.kv_heads * shape.head_dim  # k and v
-    mlp = 3 * shape.hidden * shape.intermediate  # gate, up, down
+    mlp = 3 * shape.hidden * shape.mlp_width(layer)  # gate, up, down
     return 2.0 * n_tokens * (q_o + k_v + mlp)
 
 
@@ -86,7 +113,9 @@ def _attended_pairs(n_query: int, n_kv: int, causal: bool) -> int:
     return n_query * (n_kv - n_query) + n_query * (n_query + 1) // 2
 
 
-def layer_flops(shape: DecoderShape, n_query: int, n_kv: int, causal: bool = False) -> float:
+def layer_flops(
+    shape: DecoderShape, n_query: int, n_kv: int, causal: bool = False, layer: int | None = None
+) -> float:
     """FLOPs of one decoder layer: ``n_query`` new tokens attending over ``n_kv`` cached+new keys.
 
     With ``causal`` the new tokens see only the keys up to their own position; without it every query sees
@@ -94,7 +123,8 @@ def layer_flops(shape: DecoderShape, n_query: int, n_kv: int, causal: bool = Fal
     """
     if n_query < 0 or n_kv < n_query:
         raise ValueError(f"need 0 <= n_query <= n_kv, got n_query={n_query}, n_kv={n_kv}")
-    return linear_flops(shape, n_query) + attention_flops(shape, _attended_pairs(n_query, n_kv, causal))
+    pairs = _attended_pairs(n_query, n_kv, causal)
+    return linear_flops(shape, n_query, layer) + attention_flops(shape, pairs)
 
 
 def lm_head_flops(shape: DecoderShape, n_tokens: int) -> float:
@@ -115,14 +145,14 @@ def prefill_flops(shape: DecoderShape, tokens_per_layer: Sequence[int], lm_head_
     ``lm_head_tokens`` is the number of positions whose logits are computed (1 for generation).
     """
     _check_per_layer(shape, tokens_per_layer, "tokens_per_layer")
-    total = sum(layer_flops(shape, n, n, causal=True) for n in tokens_per_layer)
+    total = sum(layer_flops(shape, n, n, causal=True, layer=i) for i, n in enumerate(tokens_per_layer))
     return total + lm_head_flops(shape, lm_head_tokens)
 
 
 def decode_flops(shape: DecoderShape, kv_per_layer: Sequence[int]) -> float:
     """FLOPs of decoding one token when layer ``l`` holds ``kv_per_layer[l]`` cached keys (before this token)."""
     _check_per_layer(shape, kv_per_layer, "kv_per_layer")
-    total = sum(layer_flops(shape, 1, kv + 1) for kv in kv_per_layer)
+    total = sum(layer_flops(shape, 1, kv + 1, layer=i) for i, kv in enumerate(kv_per_layer))
     return total + lm_head_flops(shape, 1)
 
 

@@ -138,6 +138,27 @@ def ratio_replicates(
         return np.where(den == 0, np.nan, num / np.where(den == 0, 1.0, den))
 
 
+def paired_replicates(
+    comp_scores: np.ndarray,
+    dense_scores: np.ndarray,
+    agree: np.ndarray,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``ratio_replicates`` and ``loyalty_replicates`` of one job in one pass over the resampling counts (the
+    same draws, so the same values; the counts matrix is read once instead of twice, which is what the
+    aggregation of thousands of jobs spends its time on)."""
+    c, d = _paired(comp_scores, dense_scores)
+    a = _vector(agree, "agree", dtype=bool)
+    if a.shape != c.shape:
+        raise ValueError(f"agree has {a.size} samples, the scores {c.size}")
+    means = resampled_means(np.stack([c, d, a.astype(float)], axis=1), n_boot, seed)  # (B, 3)
+    num, den = means[:, 0], means[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(den == 0, np.nan, num / np.where(den == 0, 1.0, den))
+    return ratio, means[:, 2]
+
+
 def ratio_interval(
     comp_scores: np.ndarray,
     dense_scores: np.ndarray,

@@ -30,17 +30,17 @@ from effivlm.metrics import (
     flip_counts,
     is_right,
     loyalty,
-    loyalty_replicates,
     normalise_prediction,
     overall_generalization,
     overall_loyalty,
     overall_loyalty_interval,
     overall_performance,
     overall_performance_interval,
-    ratio_replicates,
     retained_ratio,
 )
-from effivlm.metrics.stats import ALPHA, N_BOOT, SEED, derive_seed, percentile_interval
+from effivlm.metrics.pareto import pareto_table
+from effivlm.metrics.stats import ALPHA, N_BOOT, SEED, derive_seed, paired_replicates, percentile_interval
+from effivlm.reporting.efficiency import build_efficiency_table, load_efficiency, with_efficiency
 
 DENSE_METHOD = "dense"
 DENSE_BUDGET = 1.0
@@ -163,8 +163,32 @@ def _as_text(value: Any) -> str:
 
 
 def _read_predictions(path: Path) -> pd.DataFrame:
+    """The samples of a log: a fast read of the whole file, and, when anything is off, the line-by-line
+    reading that names the first bad line."""
     if not path.is_file():
         raise ValueError(f"{path}: missing (every job folder needs {PREDICTIONS_FILE})")
+    fast = _read_predictions_fast(path)
+    return fast if fast is not None else _read_predictions_checked(path)
+
+
+def _read_predictions_fast(path: Path) -> pd.DataFrame | None:
+    """The whole log parsed at once (pandas' JSON-lines reader), or None when it is not a clean log: not
+    JSON objects, a missing key, a duplicate doc id or no samples (the checked reader then says which line)."""
+    try:
+        df = pd.read_json(path, lines=True, dtype=False, convert_dates=False, encoding="utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if df.empty or any(k not in df.columns for k in _REQUIRED_PREDICTION):
+        return None
+    if df["doc_id"].isna().any() or df["doc_id"].duplicated().any() or df["prediction"].isna().any():
+        return None  # a null prediction is legal but rare: the checked reader turns it into ""
+    if df["doc_id"].map(type).nunique() > 1:
+        return None
+    df["prediction"] = [_as_text(v) for v in df["prediction"]]
+    return df
+
+
+def _read_predictions_checked(path: Path) -> pd.DataFrame:
     records: list[dict[str, Any]] = []
     seen: set[Any] = set()
     try:
@@ -212,11 +236,35 @@ def load_job(job_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     return metrics, predictions
 
 
-def _as_job(job: Job | Path | str) -> Job:
+def _as_job(job: Job | Path | str, code_version: str | None = None) -> Job:
     if isinstance(job, Job):
         return job
     metrics, predictions = load_job(Path(job))
+    _check_origin(Path(job), metrics, code_version)
     return Job(metrics, predictions, Path(job))
+
+
+def _check_origin(job_dir: Path, metrics: dict[str, Any], code_version: str | None) -> None:
+    """A log from another configuration fails: a folder named <model>/<variant>/<budget>/<task> (the
+    workflow's layout) must hold that job's metrics, and with ``code_version`` every job must carry it."""
+    where = job_dir / METRICS_FILE
+    parts = job_dir.parts[-4:]
+    if len(parts) == 4:
+        model, method, budget, task = parts
+        try:
+            same_budget = float(budget) == float(metrics["budget"])
+        except ValueError:
+            same_budget = True  # not the workflow's layout: nothing to compare
+        if same_budget and (model, method, task) != (metrics["model"], metrics["method"], metrics["task"]):
+            raise ValueError(
+                f"{where}: a log of another configuration (model '{metrics['model']}', method "
+                f"'{metrics['method']}', task '{metrics['task']}') in the folder of {model}/{method}/{task}"
+            )
+    if code_version is not None and str(metrics.get("code_version", "")) != str(code_version):
+        raise ValueError(
+            f"{where}: a log of code version '{metrics.get('code_version', '')}', the workflow is at "
+            f"'{code_version}' (rerun the job)"
+        )
 
 
 # ----------------------------------------------------------------------------------------- metrics table
@@ -341,9 +389,9 @@ def _interval_note(samples: _Samples, ref_samples: _Samples, ratio: float) -> st
 
 
 def _metrics_and_replicates(
-    jobs: Iterable[Job | Path | str], n_boot: int, seed: int, alpha: float
+    jobs: Iterable[Job | Path | str], n_boot: int, seed: int, alpha: float, code_version: str | None = None
 ) -> tuple[pd.DataFrame, Replicates]:
-    loaded = [_as_job(j) for j in jobs]
+    loaded = [_as_job(j, code_version) for j in jobs]
     if not loaded:
         raise ValueError("no jobs given: nothing to aggregate")
     by_key: dict[Key, Job] = {}
@@ -395,10 +443,11 @@ def _metrics_and_replicates(
             samples = _samples(job, order)
             agree = samples.answers == ref_samples.answers  # (n,) bool
             loyal = float(agree.mean())
-            ratio_reps = ratio_replicates(samples.scores, ref_samples.scores, n_boot, task_seed)
+            ratio_reps, loyalty_reps = paired_replicates(
+                samples.scores, ref_samples.scores, agree, n_boot, task_seed
+            )
             if math.isnan(ratio):
                 ratio_reps = ones * math.nan
-            loyalty_reps = loyalty_replicates(agree, n_boot, task_seed)
             right, ref_right = samples.right, ref_samples.right
             lost, gained = (
                 flip_counts(right, ref_right) if right is not None and ref_right is not None else (None, None)
@@ -463,10 +512,16 @@ def build_metrics_table(
 
 
 def build_tables(
-    jobs: Iterable[Job | Path | str], *, n_boot: int = N_BOOT, seed: int = SEED, alpha: float = ALPHA
+    jobs: Iterable[Job | Path | str],
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+    alpha: float = ALPHA,
+    code_version: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(metrics, summary) with bootstrap intervals on both; the summary's OP/OL intervals need the replicates."""
-    metrics, replicates = _metrics_and_replicates(jobs, n_boot, seed, alpha)
+    """(metrics, summary) with bootstrap intervals on both; the summary's OP/OL intervals need the replicates.
+    With ``code_version``, a job folder holding a log of another code version fails, naming it."""
+    metrics, replicates = _metrics_and_replicates(jobs, n_boot, seed, alpha, code_version)
     return metrics, build_summary_table(metrics, replicates, alpha=alpha)
 
 
@@ -622,6 +677,8 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         ("size_share", "size"),
         ("baseline", "baseline"),
         ("OP_vs_baseline", "OP - baseline"),
+        ("ttft_speedup", "TTFT x"),
+        ("decode_speedup", "decode x"),
     ]
 
     def cell(value: Any) -> str:
@@ -633,6 +690,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             return "n/a" if math.isnan(value) else f"{value:.3f}"
         return str(value).replace("|", "\\|")
 
+    columns = [(c, title) for c, title in columns if c in summary]
     lines = [
         "| " + " | ".join(title for _, title in columns) + " |",
         "|"
@@ -655,19 +713,31 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def aggregate(job_dirs: Sequence[Path], tables_dir: Path) -> dict[str, Path]:
-    """Build the tables from job folders and write metrics.csv, summary.csv and summary.md atomically.
+def aggregate(
+    job_dirs: Sequence[Path],
+    tables_dir: Path,
+    efficiency_files: Sequence[Path] = (),
+    *,
+    code_version: str | None = None,
+) -> dict[str, Path]:
+    """Build the tables from job folders (and the efficiency rule's records) and write them atomically:
+    metrics.csv, summary.csv and summary.md (with the OE columns), efficiency.csv and pareto.csv.
 
-    Returns {"metrics": ..., "summary": ..., "summary_md": ...}.
+    Returns {"metrics", "summary", "summary_md", "efficiency", "pareto"} -> path.
     """
-    metrics, summary = build_tables([Path(d) for d in job_dirs])
+    metrics, summary = build_tables([Path(d) for d in job_dirs], code_version=code_version)
+    efficiency = build_efficiency_table(load_efficiency(list(efficiency_files)))
+    summary = with_efficiency(summary, efficiency)
+    pareto = pareto_table(summary)
     tables_dir = Path(tables_dir)
+
+    def csv(name: str, df: pd.DataFrame) -> Path:
+        return write_text_atomic(tables_dir / name, df.to_csv(index=False, lineterminator="\n"))
+
     return {
-        "metrics": write_text_atomic(
-            tables_dir / "metrics.csv", metrics.to_csv(index=False, lineterminator="\n")
-        ),
-        "summary": write_text_atomic(
-            tables_dir / "summary.csv", summary.to_csv(index=False, lineterminator="\n")
-        ),
+        "metrics": csv("metrics.csv", metrics),
+        "summary": csv("summary.csv", summary),
         "summary_md": write_text_atomic(tables_dir / "summary.md", summary_markdown(summary)),
+        "efficiency": csv("efficiency.csv", efficiency),
+        "pareto": csv("pareto.csv", pareto),
     }

@@ -184,3 +184,118 @@ def plot_task_ratios(metrics_csv: Path, png: Path, svg: Path) -> None:
         fig.legend(handles, labels, loc="outside right upper", title="task", frameon=False)
         fig.suptitle("Retained ratio per task (missing bar: not run, or dense score 0)")
         _save(fig, png, svg)
+
+
+#: axis titles of the Pareto plots
+_AXIS_TITLES = {
+    "OP": "score retained (OP)",
+    "OL": "loyalty (OL, %)",
+    "ttft_speedup": "TTFT speedup (x, higher is better)",
+    "decode_speedup": "decode speedup (x, higher is better)",
+    "prefill_flops_share": "prefill FLOPs / dense",
+    "peak_memory_share": "peak memory / dense",
+    "kv_share": "KV-cache bytes / dense",
+}
+
+
+def _read_csv(path: Path, needed: tuple[str, ...]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (run the aggregation first)")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame(columns=list(needed))
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable CSV ({err})") from None
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    return df
+
+
+def plot_pareto(pareto_csv: Path, quality: str, png: Path, svg: Path) -> None:
+    """Quality against every cost axis: one row of panels per model plus "overall", one column per cost.
+
+    Every (method, budget) point is drawn in its method's colour and marker; the frontier (pareto.csv's
+    ``on_front``) is the black line through its points in cost order. A panel without efficiency figures
+    says so instead of drawing nothing (no efficiency records, or an undefined quality: OP is undefined where
+    the dense model scores 0).
+    """
+    needed = ("model", "quality", "cost", "method", "budget", "quality_value", "cost_value", "on_front")
+    pareto = _read_csv(pareto_csv, needed)
+    pareto = pareto[pareto["quality"] == quality]
+    models = sorted(m for m in pareto["model"].unique() if m != OVERALL)
+    models += [OVERALL] if (pareto["model"] == OVERALL).any() else []
+    costs = [c for c in _AXIS_TITLES if c in set(pareto["cost"])]
+    methods = sorted(pareto["method"].unique())
+    styles = _method_styles(methods)
+    with mpl.rc_context(_RC):
+        if pareto.empty:
+            fig = Figure(figsize=(6, 2), layout="constrained")
+            ax = fig.subplots()
+            ax.axis("off")
+            note = f"no (method, budget) has both {quality} and an efficiency figure: nothing to trade off"
+            ax.text(0.5, 0.5, note, ha="center", va="center")
+            _save(fig, png, svg)
+            return
+        fig = Figure(figsize=(3.6 * len(costs), 3.0 * len(models) + 0.8), layout="constrained")
+        axes = fig.subplots(len(models), len(costs), squeeze=False)
+        for r, model in enumerate(models):
+            for c, cost in enumerate(costs):
+                ax = axes[r, c]
+                panel = pareto[(pareto["model"] == model) & (pareto["cost"] == cost)]
+                for method, points in panel.groupby("method", sort=True):
+                    colour, marker = styles[method]
+                    ax.scatter(
+                        points["cost_value"], points["quality_value"], color=colour, marker=marker, s=22
+                    )
+                front = panel[panel["on_front"].astype(bool)].sort_values("cost_value")
+                ax.plot(front["cost_value"], front["quality_value"], color="black", linewidth=1.0, zorder=0)
+                ax.set_xlabel(_AXIS_TITLES[cost])
+                ax.set_ylabel(_AXIS_TITLES[quality] if c == 0 else "")
+                ax.set_title(model, fontsize=9)
+        handles = [
+            mpl.lines.Line2D([], [], color=styles[m][0], marker=styles[m][1], linestyle="none")
+            for m in methods
+        ]
+        fig.legend(handles, methods, loc="outside lower center", ncols=min(len(methods), 6), frameon=False)
+        fig.suptitle(f"{quality} against cost; the line joins the Pareto frontier")
+        _save(fig, png, svg)
+
+
+def plot_loyalty_heatmap(metrics_csv: Path, png: Path, svg: Path) -> None:
+    """Loyalty (%) of every (method, budget) row on every task, averaged over models, and OL in the last column."""
+    metrics = _read_metrics_csv(metrics_csv)
+    metrics = metrics[metrics["method"] != DENSE_METHOD]
+    tasks = sorted(metrics["task"].unique())
+    table = 100 * metrics.pivot_table(
+        index=["method", "budget"], columns="task", values="loyalty", aggfunc="mean"
+    )
+    table = table.reindex(columns=tasks)
+    table["OL"] = table.mean(axis=1)
+    table = table.sort_index(level=[0, 1], ascending=[True, False])
+    labels = [f"{m} @ {_budget_label(b)}" for m, b in table.index]
+    values = table.to_numpy(dtype=float)
+    with mpl.rc_context({**_RC, "axes.grid": False}):
+        fig = Figure(
+            figsize=(1.0 + 0.75 * values.shape[1], 1.0 + 0.28 * max(len(labels), 1)), layout="constrained"
+        )
+        ax = fig.subplots()
+        image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(values.shape[1]), [*tasks, "OL"], rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        for (i, j), value in np.ndenumerate(values):
+            if not math.isnan(value):
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value < 60 else "black",
+                )
+        fig.colorbar(image, ax=ax, label="loyalty (%): answers equal to dense's")
+        ax.set_title("Loyalty per task (mean over models)")
+        _save(fig, png, svg)
