@@ -75,6 +75,7 @@ from effivlm.efficiency.bench import (
     parse_resolved,
     positive,
     random_backbone,
+    resolve_device_flags,
     setup_record,
     time_interleaved,
     timing_line,
@@ -138,11 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace) -> None:
     """Fill the defaults that depend on --device, --preset and --quick, and validate."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    resolve_device_flags(args)
     quick = args.quick
     args.image_size = args.image_size or (64 if quick else IMAGE_SIZES[args.family])
     args.prompt_tokens = args.prompt_tokens or (200 if quick else 4100)

@@ -54,6 +54,7 @@ from effivlm.efficiency.bench import (
     parse_resolved,
     positive,
     random_backbone,
+    resolve_device_flags,
     setup_record,
     time_interleaved,
     timing_line,
@@ -113,9 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace) -> None:
     """Fill the defaults that depend on --device, --shape and --quick, and validate."""
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    resolve_device_flags(args)
     quick = args.quick
     args.image_size = args.image_size or (64 if quick else IMAGE_SIZES[args.family])
     args.text_tokens = args.text_tokens or (8 if quick else 64)

@@ -103,6 +103,7 @@ from effivlm.efficiency.bench import (
     markdown,
     parse_resolved,
     positive,
+    resolve_device_flags,
     setup_record,
     time_interleaved,
 )
@@ -212,11 +213,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace) -> None:
     """Fill the defaults that depend on --device, --preset and --quick, and validate."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    resolve_device_flags(args)
     preset = PRESETS["quick" if args.quick else args.preset]
     for key in ("vocab", "prompt_tokens", "decode_steps", "calibration_samples", "repeats", "warmup"):
         if getattr(args, key) is None:

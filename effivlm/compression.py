@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from effivlm.backbones.loading import Backbone, load_backbone
+from effivlm.backbones.loading import load_model_spec
 from effivlm.calibration import Statistics, calibration_batches, collect_statistics
 from effivlm.checkpoints import save_compressed
 from effivlm.data import calibration as calibration_data
@@ -20,17 +20,6 @@ from effivlm.io import log_to_file
 from effivlm.methods.weights import build_weight_method
 
 log = logging.getLogger(__name__)
-
-
-def _load(model: dict[str, Any], dtype: str, device: str, attn_implementation: str) -> Backbone:
-    return load_backbone(
-        model["path"],
-        model["family"],
-        dtype=dtype,
-        device=device,
-        attn_implementation=attn_implementation,
-        revision=model.get("revision"),
-    )
 
 
 def write_calibration_set(
@@ -75,7 +64,7 @@ def run_calibration(
     with log_to_file(log_file, "calibration") as logger:
         started = time.perf_counter()
         records = calibration_data.read_calibration(Path(calibration_file))
-        backbone = _load(model, dtype, device, attn_implementation)
+        backbone = load_model_spec(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
         meta = {
             "model": model["name"],
             "calibration_sha256": calibration_data.digest(Path(calibration_file)),
@@ -115,7 +104,7 @@ def run_compression(
         method = build_weight_method(
             weights["method"], weights.get("params")
         )  # bad input fails before loading
-        backbone = _load(model, dtype, device, attn_implementation)
+        backbone = load_model_spec(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
         dense_parameters = sum(int(p.numel()) for p in backbone.model.parameters())
         stats = (
             Statistics.load(Path(statistics), method.needs)

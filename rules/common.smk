@@ -115,15 +115,21 @@ def prebuilt_dir(model):
 # -------------------------------------------------------------------------------------------- evaluation
 
 
+def variant_model(model, variant):
+    """The model folder a variant's jobs load, as an input: its compressed checkpoint, the trained backbone of
+    an embedded model, or nothing (real weights are params)."""
+    weights = CFG["methods"][variant].get("weights")
+    if weights is not None:
+        return {"compressed": compressed_dir(CFG, model, weights)}
+    if CFG["models"][model]["source"] == "embedded":
+        return {"backbone": backbone_dir(CFG, model)}
+    return {}
+
+
 def eval_inputs(wildcards):
     """The trained backbone of an embedded model (or the compressed checkpoint the variant runs on) and the
     data of a synthetic task; real weights are params."""
-    inputs = {}
-    weights = CFG["methods"][wildcards.variant].get("weights")
-    if weights is not None:
-        inputs["compressed"] = compressed_dir(CFG, wildcards.model, weights)
-    elif CFG["models"][wildcards.model]["source"] == "embedded":
-        inputs["backbone"] = backbone_dir(CFG, wildcards.model)
+    inputs = variant_model(wildcards.model, wildcards.variant)
     task = task_spec(CFG, wildcards.task)
     if task["kind"] == "synthetic":
         inputs["test"] = f"{task['data']}/test.jsonl"
@@ -180,10 +186,7 @@ def efficiency_inputs(wildcards):
     """Nothing for a random backbone; otherwise the model the variant's evaluations load."""
     if CFG["efficiency"]["backbone"] == "random":
         return {}
-    weights = CFG["methods"][wildcards.variant].get("weights")
-    if weights is not None:
-        return {"compressed": compressed_dir(CFG, wildcards.model, weights)}
-    return embedded_backbone(wildcards.model)
+    return variant_model(wildcards.model, wildcards.variant)
 
 
 def compressed_checkpoints():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -82,4 +83,16 @@ def load_backbone(
     processor.tokenizer.padding_side = "left"
     return Backbone(
         model=model, processor=processor, adapter=adapter, path=str(path), compression=compression
+    )
+
+
+def load_model_spec(model: dict[str, Any], *, dtype: str, device: str, attn_implementation: str) -> Backbone:
+    """:func:`load_backbone` of a job's model spec (``effivlm.config.model_spec``: path, family, revision)."""
+    return load_backbone(
+        model["path"],
+        model["family"],
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        revision=model.get("revision"),
     )

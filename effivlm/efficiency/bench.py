@@ -98,6 +98,16 @@ def parse_resolved(
     return args
 
 
+def resolve_device_flags(args: argparse.Namespace) -> None:
+    """--device auto becomes cuda where available; cuda without a GPU is refused; --dtype defaults to
+    bfloat16 on cuda and float32 on cpu."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+
+
 def parse_methods(text: str, skip: Sequence[str] = ()) -> list[str]:
     """The comma-separated method names of ``text``, less those in ``skip``; ValueError naming any unknown."""
     methods = [m.strip() for m in text.split(",") if m.strip() and m.strip() not in skip]

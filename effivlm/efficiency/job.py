@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import platform
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import torch
 
-from effivlm.backbones.loading import load_backbone
+from effivlm.backbones.loading import load_model_spec
 from effivlm.efficiency.profile import (
     RANDOM_SIZES,
     Settings,
@@ -24,8 +23,6 @@ from effivlm.efficiency.profile import (
 from effivlm.io import log_to_file, write_text_atomic
 from effivlm.methods import build_method
 from effivlm.pipeline import Pipeline
-
-log = logging.getLogger(__name__)
 
 
 def run_efficiency(
@@ -66,13 +63,8 @@ def run_efficiency(
             if weights is not None:
                 compression = apply_weights_to_random(backbone, weights, prompts, seed)
         else:
-            backbone = load_backbone(
-                model["path"],
-                model["family"],
-                dtype=dtype,
-                device=device,
-                attn_implementation=attn_implementation,
-                revision=model.get("revision"),
+            backbone = load_model_spec(
+                model, dtype=dtype, device=device, attn_implementation=attn_implementation
             )
             prompts = synthetic_prompts(backbone, options, seed)
             compression = backbone.compression

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import gc
 import re
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -299,9 +301,6 @@ class PeakMemory:
         if match:
             self.bytes = int(match.group(1)) * 1024
         else:  # not Linux: getrusage's peak since the process started (kB on Linux, bytes on macOS)
-            import resource
-            import sys
-
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             self.bytes = int(peak if sys.platform == "darwin" else peak * 1024)
             self.kind = "peak_rss_since_start"

@@ -41,6 +41,13 @@ def _order(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def _by_model(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows model by model (by name, "overall" last), each model's rows in the paper's order."""
+    models = [m for m in sorted(df["model"].unique()) if m != OVERALL] + [OVERALL]
+    parts = [_order(df[df["model"] == m]) for m in models if (df["model"] == m).any()]
+    return pd.concat(parts, ignore_index=True) if parts else df
+
+
 def scores_table(metrics: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     """model, method, budget, one column per task (its score), and OP."""
     wide = metrics.pivot_table(
@@ -49,7 +56,7 @@ def scores_table(metrics: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     wide.columns.name = None
     op = summary[summary["model"] != OVERALL][["model", "method", "budget", "OP"]]
     wide = wide.merge(op, on=["model", "method", "budget"], how="left")
-    return pd.concat([_order(g) for _, g in wide.groupby("model", sort=True)], ignore_index=True)
+    return _by_model(wide)
 
 
 def op_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -88,10 +95,7 @@ def compression_table(summary: pd.DataFrame) -> pd.DataFrame:
     ]
     weights = summary["weights"].fillna("").astype(str)
     rows = summary[(weights != "") | (summary["method"] == "dense")]
-    rows = rows[[c for c in cols if c in rows]]
-    models = [m for m in sorted(rows["model"].unique()) if m != OVERALL] + [OVERALL]
-    parts = [_order(rows[rows["model"] == m]) for m in models if (rows["model"] == m).any()]
-    return pd.concat(parts, ignore_index=True) if parts else rows
+    return _by_model(rows[[c for c in cols if c in rows]])
 
 
 def efficiency_summary(efficiency: pd.DataFrame) -> pd.DataFrame:
@@ -114,9 +118,7 @@ def efficiency_summary(efficiency: pd.DataFrame) -> pd.DataFrame:
     ]
     if efficiency.empty:
         return pd.DataFrame(columns=cols)
-    models = [m for m in sorted(efficiency["model"].unique()) if m != OVERALL] + [OVERALL]
-    parts = [_order(efficiency[efficiency["model"] == m]) for m in models if (efficiency["model"] == m).any()]
-    return pd.concat(parts, ignore_index=True)[cols]
+    return _by_model(efficiency)[cols]
 
 
 # ------------------------------------------------------------------------------------------------ formats
