@@ -210,7 +210,11 @@ def test_whole_dag_on_the_test_config(test_run: TestRun) -> None:
     assert summary.loc[summary["model"] == "qwen2-vl-tiny", "ttft_speedup"].notna().all()
     assert summary.loc[summary["model"] == "llava-ov-tiny", "ttft_speedup"].isna().all()  # not profiled
     pareto = pd.read_csv(results / "tables" / "pareto.csv")
-    assert pareto["on_front"].any() and set(pareto["quality"]) == {"OP", "OL"}
+    # a quality axis is drawn wherever it is defined beside an efficiency figure: OL always; OP only where the
+    # dense model scores above 0 (the 20-step test backbones may score 0, which leaves every ratio undefined)
+    timed = summary[summary["ttft_speedup"].notna()]
+    expected = {q for q in ("OP", "OL") if timed[q].notna().any()}
+    assert "OL" in expected and set(pareto["quality"]) == expected and pareto["on_front"].any()
     for name in PAPER_TABLES:
         for ext in ("csv", "md", "tex"):
             assert (results / "tables" / "paper" / f"{name}.{ext}").stat().st_size > 0
