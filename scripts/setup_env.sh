@@ -76,6 +76,6 @@ if [[ "$torch_after" != "$torch_before" ]]; then
     exit 1
 fi
 
-"$VENV/bin/python" -c 'import effivlm, snakemake, transformers, lmms_eval, torch; print(f"setup_env: ok: effivlm {effivlm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, snakemake {snakemake.__version__}")'
+"$VENV/bin/python" -c 'import effivlm, snakemake, snakemake_executor_plugin_slurm, transformers, lmms_eval, torch; print(f"setup_env: ok: effivlm {effivlm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, snakemake {snakemake.__version__}")'
 rm -f "$VENV"/.effivlm-setup-*
 touch "$stamp"
