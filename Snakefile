@@ -20,6 +20,16 @@ include: "rules/efficiency.smk"
 include: "rules/aggregate.smk"
 
 
+# Before the first job: a read-only or full results folder fails here with one line, not in a job after
+# Snakemake has deleted that job's old outputs. Not run by a dry run.
+onstart:
+    try:
+        check_writable(RESULTS)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 # Tables and figures read the jobs' small outputs and need no GPU: under a cluster executor they run on the
 # submitting node instead of waiting in the queue.
 localrules:

@@ -31,12 +31,13 @@ from torch import nn
 
 from effivlm.backbones.loading import Backbone
 from effivlm.backbones.train import encode_batch
-from effivlm.io import atomic_path
+from effivlm.io import Progress, atomic_path
 from effivlm.methods.weights.cfsp_ops import angular_distance_sum
 
 log = logging.getLogger(__name__)
 
 STATISTICS = ("sq_norm", "abs_mean", "hessian", "angular")
+_Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs and the (B, L) caption mask
 
 
 def linear_modules(backbone: Backbone) -> dict[str, nn.Linear]:
@@ -229,6 +230,14 @@ class _Collector:
         return tokens
 
 
+def _counted(batches: Iterator[_Batch], total: int) -> Iterator[_Batch]:
+    """``batches``, with a progress line over samples as each batch's forward pass ends (the next is asked for)."""
+    progress = Progress("calibration", total)
+    for inputs, target in batches:
+        yield inputs, target
+        progress.update(int(target.shape[0]))
+
+
 def collect_statistics(
     backbone: Backbone,
     records: list[dict[str, str]],
@@ -241,7 +250,7 @@ def collect_statistics(
     if not records:
         raise ValueError("calibration set is empty")
     collector = _Collector(backbone, hessians)
-    tokens = collector.run(calibration_batches(backbone, records, batch_size))
+    tokens = collector.run(_counted(calibration_batches(backbone, records, batch_size), len(records)))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, rec in collector.records.items():
         n = max(rec.tokens, 1)

@@ -87,9 +87,9 @@ class _LogFile(logging.FileHandler):
         super().handleError(record)
 
 
-# The last error a job log recorded: (its id, its message, what failed, the log). Not the error itself, which
-# would keep its traceback's frames alive.
-_logged: tuple[int, str, str, Path | None] | None = None
+# The last error a job log recorded: (its id, its message, its one-line description, what failed, the log).
+# Not the error itself, which would keep its traceback's frames alive.
+_logged: tuple[int, str, str, str, Path | None] | None = None
 _previous_hook = sys.excepthook
 
 
@@ -100,16 +100,30 @@ def _one_line_if_uncaught(error: BaseException, what: str, log: Path | None) -> 
     global _logged, _previous_hook
     if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit
         return
-    _logged = (id(error), str(error), what, log)
+    _logged = (id(error), str(error), describe_error(error), what, log)
     if sys.excepthook is not _excepthook:
         _previous_hook, sys.excepthook = sys.excepthook, _excepthook
 
 
+def describe_error(error: BaseException) -> str:
+    """``Type: message`` on one line; for an error raised ``from`` another (a library's retry wrapper around
+    the real failure), the innermost cause too."""
+
+    def one(err: BaseException) -> str:
+        return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+    cause = error.__cause__
+    while cause is not None and cause.__cause__ is not None:
+        cause = cause.__cause__
+    return one(error) if cause is None else f"{one(error)} (caused by {one(cause)})"
+
+
 def _excepthook(kind: type[BaseException], value: BaseException, tb) -> None:
     if _logged is not None and _logged[:2] == (id(value), str(value)):
-        _, message, what, log = _logged
+        *_, description, what, log = _logged
         where = "" if log is None else f" (traceback in {log})"
-        print(f"error: {what}: {kind.__name__}: {' '.join(message.split())}{where}", file=sys.stderr)
+        # on a line of its own, even after a progress bar that left the cursor mid-line
+        print(f"\nerror: {what}: {description}{where}", file=sys.stderr)
     else:
         _previous_hook(kind, value, tb)
 

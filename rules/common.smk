@@ -5,6 +5,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 import effivlm
+from effivlm.io import check_writable
 from effivlm.reporting.tables import TABLES
 from effivlm.config import (
     BUDGET_PATTERN,

@@ -223,3 +223,129 @@ def test_truncate_at_stop():
 
     assert truncate_at_stop("a\nb</s>c", ["</s>", "\n"]) == "a"
     assert truncate_at_stop("abc", []) == "abc"
+
+
+# ---------------------------------------------------------------------------- resuming an interrupted job
+
+
+def _answer_by_colour(self, prompts: list[Prompt], max_new_tokens: int = 8) -> list[Generation]:
+    """A fake model whose answers and statistics depend on the sample (its image's colour) and nothing else."""
+    type(self).batches.append(len(prompts))
+    if self.fail and len(type(self).batches) == self.fail:
+        raise RuntimeError("killed at a batch")
+    out = []
+    for prompt in prompts:
+        red = prompt.images[0].getpixel((0, 0))[0] > 128
+        out.append(Generation("Red." if red else "Blue, no: red", {"visual_tokens": [16], "red": red}))
+    return out
+
+
+def _outputs(out: Path) -> tuple[str, dict]:
+    metrics = json.loads((out / METRICS).read_text())
+    metrics.pop("seconds")
+    return (out / PREDICTIONS).read_text(), metrics
+
+
+def _answers_files(out: Path) -> list[Path]:
+    return sorted(out.glob(".answers-*.jsonl"))
+
+
+def test_a_failed_evaluation_resumes_from_its_last_finished_batch(tmp_path, fake_pipeline, monkeypatch):
+    monkeypatch.setattr(FakePipeline, "generate", _answer_by_colour)
+    uninterrupted = _run(tmp_path / "whole", n=10)
+    assert fake_pipeline.batches == [4, 4, 2] and uninterrupted["score"] == pytest.approx(0.5)
+
+    fake_pipeline.batches.clear()
+    fake_pipeline.fail = 3  # the third batch fails: the first two are logged
+    with pytest.raises(RuntimeError, match="killed at a batch"):
+        _run(tmp_path, n=10)
+    (answers,) = _answers_files(tmp_path / "out")
+    assert len(answers.read_text().splitlines()) == 8
+    assert not (tmp_path / "out" / METRICS).exists()
+    with answers.open("a") as fh:  # a kill during a write leaves a torn last line
+        fh.write('{"key": "')
+
+    fake_pipeline.batches.clear()
+    fake_pipeline.fail = False
+    _run(tmp_path, n=10, log=tmp_path / "job.log")
+    assert fake_pipeline.batches == [2]  # only the last batch, with the boundaries of an uninterrupted run
+    assert _outputs(tmp_path / "out") == _outputs(tmp_path / "whole" / "out")
+    assert not _answers_files(tmp_path / "out")  # removed once metrics.json is written
+    log = (tmp_path / "job.log").read_text()
+    assert "resumed 8 of 10 samples from" in log
+    assert "generation: 10/10 samples (100%)" in log
+    assert "evaluation started" in log and "evaluation finished in" in log
+
+
+def test_a_partly_logged_batch_is_generated_again(tmp_path, fake_pipeline, monkeypatch):
+    """A batch is answered from the log only when all of it is there: its padding must stay the same."""
+    monkeypatch.setattr(FakePipeline, "generate", _answer_by_colour)
+    fake_pipeline.fail = 2
+    with pytest.raises(RuntimeError):
+        _run(tmp_path, n=6)
+    (answers,) = _answers_files(tmp_path / "out")
+    lines = answers.read_text().splitlines(keepends=True)
+    answers.write_text("".join(lines[:3]))  # the first batch of 4, one sample short
+    fake_pipeline.batches.clear()
+    fake_pipeline.fail = False
+    _run(tmp_path, n=6)
+    assert fake_pipeline.batches == [4, 2]
+
+
+def test_a_changed_configuration_never_resumes_from_stale_answers(tmp_path, fake_pipeline, monkeypatch):
+    from effivlm.evaluation.runner import resume_key
+
+    monkeypatch.setattr(FakePipeline, "generate", _answer_by_colour)
+    fake_pipeline.fail = 2
+    with pytest.raises(RuntimeError):
+        _run(tmp_path, n=6)
+    (stale,) = _answers_files(tmp_path / "out")
+    fake_pipeline.batches.clear()
+    fake_pipeline.fail = False
+    _run(tmp_path, n=6, seed=1)  # another seed: every batch is generated, the stale answers are dropped
+    assert fake_pipeline.batches == [4, 2]
+    assert not stale.exists() and not _answers_files(tmp_path / "out")
+
+    # the key covers the settings, the model's files and the task's data
+    task = {"name": "colour", "kind": "synthetic", "data": str(tmp_path / "colour")}
+    model = {**MODEL, "path": str(tmp_path / "model")}
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights").write_text("1")
+    key = resume_key({"budget": 0.1}, model, task)
+    assert resume_key({"budget": 0.1}, model, task) == key
+    assert resume_key({"budget": 0.4}, model, task) != key
+    (tmp_path / "model" / "weights").write_text("22")  # a retrained model
+    assert resume_key({"budget": 0.1}, model, task) != key
+    key = resume_key({"budget": 0.1}, model, task)
+    write_jsonl(tmp_path / "colour" / "test.jsonl", 5)  # new data
+    assert resume_key({"budget": 0.1}, model, task) != key
+
+
+def test_answer_log_drops_a_torn_last_line(tmp_path):
+    from effivlm.evaluation.lmms_model import AnswerLog
+
+    path = tmp_path / "answers.jsonl"
+    AnswerLog(path).append([{"key": "a", "answer": "x", "stats": {"n": [1]}}])
+    path.write_text(path.read_text() + '{"key": "b", "answer": "y", "st')
+    log = AnswerLog(path)
+    assert log.answers == {"a": {"answer": "x", "stats": {"n": [1]}}}
+    log.append([{"key": "b", "answer": "y", "stats": {}}])
+    assert set(AnswerLog(path).answers) == {"a", "b"}
+    assert path.read_text().count("\n") == 2
+
+
+def test_progress_lines_are_readable_in_a_log():
+    from effivlm.io import Progress
+
+    lines: list[str] = []
+    now = [0.0]
+    progress = Progress("generation", 100, done=20, interval=10, say=lines.append, clock=lambda: now[0])
+    for _ in range(8):
+        now[0] += 4.0
+        progress.update(10)  # 2.5 samples/s
+    assert lines == [
+        "generation: 20/100 samples (20%)",
+        "generation: 50/100 samples (50%), 2.50 samples/s, eta 20s",
+        "generation: 80/100 samples (80%), 2.50 samples/s, eta 8s",
+        "generation: 100/100 samples (100%) in 32s, 2.50 samples/s",
+    ]

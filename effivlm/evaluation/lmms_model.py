@@ -2,19 +2,29 @@
 
 lmms-eval 0.7.3 only sees models registered through the ``lmms_eval.models`` entry point; pyproject.toml
 points it at :func:`manifest`. The backbone is loaded when the model is constructed, never at import.
+
+With ``answers_file``, every finished batch's answers are appended to that file (an :class:`AnswerLog`), and
+a later run with the same file answers those samples from it instead of generating them again: a killed
+evaluation resumes from its last finished batch. Batches keep the boundaries of an uninterrupted run (a
+batch is taken from the file only when all of its samples are there), so padding, and with it every answer,
+is the same as if the run had never stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
-from tqdm import tqdm
+
+from effivlm.io import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +102,54 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+def request_key(request: Instance) -> str:
+    """What identifies one generation request: its task, document, prompt text and decoding settings."""
+    context, gen_kwargs, _, doc_id, task, split = request.args
+    text = json.dumps([task, split, doc_id, context, gen_kwargs], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+class AnswerLog:
+    """The answers of finished samples, one JSON line each (``key``, ``answer``, ``stats``), appended a batch
+    at a time and synced to disk, so that a killed job loses at most the batch it was generating.
+
+    Opening the file drops a torn last line (a kill during a write): the next append starts a fresh line.
+    Lines that cannot be read are skipped, so their samples are generated again.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.answers: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(end)
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+                self.answers[record["key"]] = {"answer": record["answer"], "stats": record["stats"]}
+            except (ValueError, KeyError, TypeError):
+                logger.warning("%s: skipping an unreadable line", self.path)
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 class EffiVLM(lmms):
     """An effivlm ``Pipeline`` behind lmms-eval's ``generate_until``.
 
     Model args (``--model effivlm --model_args model_path=...,family=...``): ``model_path``, ``family``,
     ``method`` (default ``dense``), ``budget``, ``method_params`` (a JSON object), ``dtype``, ``device``,
-    ``attn_implementation``, ``batch_size``, ``seed``, ``revision`` and ``max_new_tokens`` (used when a task's
-    generation_kwargs do not set it).
+    ``attn_implementation``, ``batch_size``, ``seed``, ``revision``, ``max_new_tokens`` (used when a task's
+    generation_kwargs do not set it) and ``answers_file`` (resume from and append to an :class:`AnswerLog`;
+    the caller keys its name to everything that changes an answer).
 
     After ``generate_until``, :attr:`sample_stats` maps ``(task, doc_id)`` to the pipeline's per-sample
     statistics (for example ``{"visual_tokens": [16], "visual_kept": [2]}``).
@@ -120,6 +171,7 @@ class EffiVLM(lmms):
         seed: int = 0,
         max_new_tokens: int = 8,
         revision: str | None = None,
+        answers_file: str | None = None,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -139,6 +191,7 @@ class EffiVLM(lmms):
         # lmms-eval's evaluator builds an accelerate.Accelerator unless the model has this attribute; one process needs none.
         self.accelerator = None
         self.sample_stats: dict[tuple[str, int], dict] = {}
+        self.answers_file = str(answers_file) if answers_file else None
         self._warned_sampling = False
 
         from effivlm.pipeline import Pipeline
@@ -190,26 +243,43 @@ class EffiVLM(lmms):
         for index, request in enumerate(requests):
             gen_kwargs = request.args[1]
             groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(index)
+        batches = [batch for indices in groups.values() for batch in _batches(indices, self.batch_size)]
+
+        log = AnswerLog(self.answers_file) if self.answers_file else None
+        keys = [request_key(request) for request in requests]
+        done = log.answers if log else {}
+        finished = [all(keys[i] in done for i in batch) for batch in batches]
+        resumed = sum(len(batch) for batch, ok in zip(batches, finished, strict=True) if ok)
+        if log is not None:
+            logger.info("resumed %d of %d samples from %s", resumed, len(requests), log.path)
 
         answers: list[str | None] = [None] * len(requests)
-        progress = tqdm(total=len(requests), desc="effivlm", disable=self.rank != 0)
-        for indices in groups.values():
-            max_new_tokens, until = self._generation_settings(requests[indices[0]].args[1])
-            for batch in _batches(indices, self.batch_size):
-                prompts = []
+        progress = Progress("generation", len(requests), done=resumed)
+        for batch, ok in zip(batches, finished, strict=True):
+            if ok:
                 for index in batch:
-                    context, _, doc_to_visual, doc_id, task, split = requests[index].args
-                    doc = self.task_dict[task][split][doc_id]
-                    prompts.append(Prompt(images=_as_images(doc_to_visual(doc), task, doc_id), text=context))
-                generations = self.pipeline.generate(prompts, max_new_tokens=max_new_tokens)
-                if len(generations) != len(prompts):
-                    raise RuntimeError(
-                        f"pipeline returned {len(generations)} generations for {len(prompts)} prompts"
-                    )
-                for index, generation in zip(batch, generations, strict=True):
                     _, _, _, doc_id, task, _ = requests[index].args
-                    answers[index] = truncate_at_stop(generation.text, until)
-                    self.sample_stats[(task, doc_id)] = dict(generation.stats)
-                progress.update(len(batch))
-        progress.close()
+                    answers[index] = done[keys[index]]["answer"]
+                    self.sample_stats[(task, doc_id)] = done[keys[index]]["stats"]
+                continue
+            max_new_tokens, until = self._generation_settings(requests[batch[0]].args[1])
+            prompts = []
+            for index in batch:
+                context, _, doc_to_visual, doc_id, task, split = requests[index].args
+                doc = self.task_dict[task][split][doc_id]
+                prompts.append(Prompt(images=_as_images(doc_to_visual(doc), task, doc_id), text=context))
+            generations = self.pipeline.generate(prompts, max_new_tokens=max_new_tokens)
+            if len(generations) != len(prompts):
+                raise RuntimeError(
+                    f"pipeline returned {len(generations)} generations for {len(prompts)} prompts"
+                )
+            records = []
+            for index, generation in zip(batch, generations, strict=True):
+                _, _, _, doc_id, task, _ = requests[index].args
+                answers[index] = truncate_at_stop(generation.text, until)
+                stats = self.sample_stats[(task, doc_id)] = dict(generation.stats)
+                records.append({"key": keys[index], "answer": answers[index], "stats": stats})
+            if log is not None:
+                log.append(records)
+            progress.update(len(batch))
         return answers

@@ -3,11 +3,18 @@
 The job writes ``predictions.jsonl`` (one line per sample) and ``metrics.json`` into its folder, each under a
 temporary name first and renamed when complete, ``metrics.json`` last: a folder holding ``metrics.json`` is a
 finished job. Every failure (an unknown task, no samples, an error inside the model or lmms-eval) raises.
+
+While it runs, the job appends each finished batch's answers to ``.answers-<key>.jsonl`` in its folder (not a
+declared output, so Snakemake leaves it in place when it cleans up a killed job); a rerun of the same job
+resumes from it, and it is removed once ``metrics.json`` is written. ``<key>`` hashes everything that can
+change an answer (see :func:`resume_key`), so a changed configuration, model or data never resumes from
+stale answers.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
+ANSWERS_GLOB = ".answers-*.jsonl"
 TASK_KINDS = ("synthetic", "lmms")
 
 
@@ -142,6 +150,43 @@ def _data_file(task: dict) -> Path:
     return data / "test.jsonl" if data.is_dir() else data
 
 
+def _folder_signature(path: str) -> list | str:
+    """What identifies a model's files without reading them: each file's name, size and modification time
+    (a retrained or recompressed model has new ones); a hub id (or a path not there) is its own signature."""
+    root = Path(path)
+    if not root.is_dir():
+        return str(path)
+    files = sorted(file for file in root.rglob("*") if file.is_file())
+    return [[str(file.relative_to(root)), file.stat().st_size, file.stat().st_mtime_ns] for file in files]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resume_key(settings: dict[str, Any], model: dict, task: dict) -> str:
+    """A hash of everything that can change an answer: the job's settings (method, budget, seed, batch size,
+    limit, dtype, ...), the code and lmms-eval versions, the model's files and a synthetic task's data."""
+    from importlib.metadata import version
+
+    data = _data_file(task) if task["kind"] == "synthetic" and task.get("data") else None
+    identity = {
+        **settings,
+        "model": {**model, "files": _folder_signature(str(model["path"]))},
+        "task": task,
+        "data": _file_digest(data) if data is not None and data.is_file() else None,
+        "code_version": effivlm.CODE_VERSION,
+        "effivlm_version": effivlm.__version__,
+        "lmms_eval_version": version("lmms_eval"),
+    }
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def run_evaluation(
     out_dir: Path,
     model: dict,
@@ -169,16 +214,34 @@ def run_evaluation(
     lmms-eval task (optionally with ``include_path``, and ``lmms_task`` when its lmms-eval name differs).
     ``max_new_tokens`` sets synthetic tasks' answer length; lmms-eval tasks keep their own. ``log`` is a
     function or a log file path. Returns the metrics written to ``metrics.json``.
+
+    A run killed before it finished resumes from the answers it had logged (see the module docstring).
     """
     started = time.perf_counter()
     _require(model, ("name", "family", "path"), "model")
     _require(task, ("name", "kind"), "task")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A metrics.json left by an earlier run must not survive a failure of this one.
-    (out_dir / METRICS).unlink(missing_ok=True)
-
     with _job_log(log) as say:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A metrics.json left by an earlier run must not survive a failure of this one.
+        (out_dir / METRICS).unlink(missing_ok=True)
+        settings = {
+            "method_name": method_name,
+            "method_params": method_params,
+            "budget": budget,
+            "seed": seed,
+            "batch_size": batch_size,
+            "limit": limit,
+            "max_new_tokens": max_new_tokens,
+            "dtype": dtype,
+            "device": device,
+            "attn_implementation": attn_implementation,
+        }
+        answers_file = out_dir / ANSWERS_GLOB.replace("*", resume_key(settings, model, task))
+        for stale in out_dir.glob(ANSWERS_GLOB):  # answers of another configuration are never used again
+            if stale != answers_file:
+                stale.unlink()
+
         from lmms_eval import evaluator
         from lmms_eval.models import get_model
 
@@ -200,6 +263,7 @@ def run_evaluation(
                 batch_size=batch_size,
                 seed=seed,
                 max_new_tokens=max_new_tokens,
+                answers_file=str(answers_file),
             )
             # Before evaluating: lmms-eval's clean-up drops the model's torch modules once it is done.
             description = lm.describe()
@@ -248,6 +312,7 @@ def run_evaluation(
             },
             started,
         )
+        answers_file.unlink(missing_ok=True)
         say(
             f"{task_name}: {metrics['metric']} = {metrics['score']:.4f} over {metrics['n']} samples in {metrics['seconds']:.1f} s"
         )

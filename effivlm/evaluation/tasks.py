@@ -16,6 +16,8 @@ TASK_PREFIX = "effivlm_"
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 # Greedy, short answers, stop at the end of the first line (the template leaves these to this module).
 GENERATION_KWARGS = {"temperature": 0, "do_sample": False, "until": ["\n"]}
+#: the fields of a record that the template's document functions read
+RECORD_FIELDS = ("question", "answer", "image")
 
 
 def synthetic_task_name(task: str) -> str:
@@ -23,6 +25,30 @@ def synthetic_task_name(task: str) -> str:
     if not _TASK_NAME.match(task):
         raise ValueError(f"synthetic task name must match {_TASK_NAME.pattern}, got {task!r}")
     return TASK_PREFIX + task
+
+
+def _check_records(data_file: Path) -> None:
+    """Every line is a JSON object with the fields the template reads, and there is one at least: a bad file
+    would otherwise surface as an opaque retry error deep inside lmms-eval's loader."""
+    records = 0
+    with data_file.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise ValueError(
+                    f"synthetic task data file {data_file} line {number}: not JSON ({err})"
+                ) from None
+            missing = [key for key in RECORD_FIELDS if not isinstance(record, dict) or key not in record]
+            if missing:
+                raise ValueError(
+                    f"synthetic task data file {data_file} line {number}: no {', '.join(missing)}"
+                )
+            records += 1
+    if not records:
+        raise ValueError(f"synthetic task data file has no records: {data_file}")
 
 
 def write_synthetic_task(
@@ -42,10 +68,7 @@ def write_synthetic_task(
     data_file = Path(data_file).resolve()
     if not data_file.is_file():
         raise FileNotFoundError(f"synthetic task data file not found: {data_file}")
-    with data_file.open() as f:
-        # An empty file would otherwise surface as an opaque retry error deep inside lmms-eval's loader.
-        if not any(line.strip() for line in f):
-            raise ValueError(f"synthetic task data file has no records: {data_file}")
+    _check_records(data_file)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     dataset_kwargs: dict = {"data_files": {"train": str(data_file)}}
