@@ -14,8 +14,8 @@ setup:
 demo: setup
 	$(VENV)/bin/snakemake --cores $(CORES) --rerun-incomplete --config results=$(RESULTS)
 	@echo
-	@echo "tables:  $(RESULTS)/tables/metrics.csv  summary.csv  summary.md"
-	@echo "figures: $(RESULTS)/figures/retained_vs_budget.png  task_ratios.png  (and .svg)"
+	@echo "tables:  $(RESULTS)/tables/metrics.csv  summary.csv  summary.md  efficiency.csv  pareto.csv  paper/"
+	@echo "figures: $(RESULTS)/figures/retained_vs_budget  task_ratios  loyalty_heatmap  pareto_OP  pareto_OL  (.png, .svg)"
 	@echo "logs:    $(RESULTS)/logs/"
 
 test: setup

@@ -58,8 +58,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from effivlm.backbones.base import TinySizes
 from effivlm.backbones.loading import Backbone
+from effivlm.backbones.sizes import TinySizes
 from effivlm.efficiency.bench import (
     IMAGE_SIZES,
     STATS,

@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 
 from effivlm.attention import probe_attention
-from effivlm.backbones.base import TinySizes
 from effivlm.backbones.loading import Backbone
+from effivlm.backbones.sizes import TinySizes
 from effivlm.efficiency import DecoderShape, encoder_flops, prefill_flops
 from effivlm.efficiency.bench import (
     CORPUS,

@@ -87,8 +87,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from effivlm.backbones import available_families, get_adapter
-from effivlm.backbones.base import TinySizes
 from effivlm.backbones.loading import DTYPES, Backbone, load_backbone
+from effivlm.backbones.sizes import TinySizes
 from effivlm.backbones.tiny import build_tiny, save_backbone
 from effivlm.calibration import Statistics, calibration_batches, collect_statistics
 from effivlm.checkpoints import save_compressed

@@ -342,7 +342,7 @@ def _text_layers(model: Mapping[str, Any]) -> int | None:
     """Decoder depth of a model when it is known without loading weights: an embedded backbone's configured
     size, or a local checkpoint's config.json; None for a hub id or a folder not there yet."""
     if model["source"] == "embedded":
-        from effivlm.backbones.base import TinySizes
+        from effivlm.backbones.sizes import TinySizes
 
         sizes = (model.get("train") or {}).get("sizes") or {}
         return int(sizes.get("text_layers", TinySizes().text_layers))

@@ -10,8 +10,8 @@ from helpers import REPO, TestRun, snakemake
 from PIL import Image
 
 from effivlm.backbones import available_families, get_adapter
-from effivlm.backbones.base import TinySizes
 from effivlm.backbones.loading import Backbone, load_backbone
+from effivlm.backbones.sizes import TinySizes
 from effivlm.backbones.tiny import build_tiny, save_backbone
 from effivlm.pipeline import Prompt
 

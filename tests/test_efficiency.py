@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from effivlm.backbones.base import TinySizes
+from effivlm.backbones.sizes import TinySizes
 from effivlm.efficiency.flops import DecoderShape, layer_flops, prefill_flops, tokens_per_layer_for
 from effivlm.efficiency.job import run_efficiency
 from effivlm.efficiency.profile import (

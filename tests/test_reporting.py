@@ -12,16 +12,15 @@ import pytest
 
 from effivlm.metrics import loyalty_replicates, overall_performance_interval, ratio_replicates
 from effivlm.metrics.stats import derive_seed
-from effivlm.reporting import (
+from effivlm.reporting.aggregate import (
     aggregate,
     build_metrics_table,
     build_summary_table,
+    build_tables,
     load_job,
-    plot_retained,
-    plot_task_ratios,
     summary_markdown,
 )
-from effivlm.reporting.aggregate import build_tables
+from effivlm.reporting.figures import plot_retained, plot_task_ratios
 
 
 def write_job(

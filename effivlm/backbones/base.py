@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 
+from effivlm.backbones.sizes import TinySizes
 from effivlm.registry import Registry
 
 #: A minimal chat template in the families' ChatML format, for the small backbones; real checkpoints ship their own.
@@ -37,22 +38,6 @@ class Segment:
     start: int  # offset within the image's visual tokens
     length: int
     grid: tuple[int, int] | None  # (rows, cols) when the segment is a full token grid
-
-
-@dataclass(frozen=True)
-class TinySizes:
-    """Sizes of a small backbone for the embedded default."""
-
-    text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 256
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 4
-    vision_intermediate: int = 128
-    max_positions: int = 1024
 
 
 def qwen2_text_config(vocab_size: int, token_ids: dict[str, int], sizes: TinySizes) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from effivlm.backbones import available_families, get_adapter
-from effivlm.backbones.base import TinySizes
 from effivlm.backbones.loading import DTYPES, Backbone, load_backbone
+from effivlm.backbones.sizes import TinySizes
 from effivlm.backbones.tiny import build_tiny, save_backbone
 from effivlm.efficiency.profile import CORPUS, RANDOM_IMAGE_SIZES
 from effivlm.io import write_text_atomic

@@ -51,8 +51,8 @@ import torch
 from PIL import Image
 
 from effivlm.backbones import get_adapter
-from effivlm.backbones.base import TinySizes
 from effivlm.backbones.loading import DTYPES, Backbone, resolve_device
+from effivlm.backbones.sizes import TinySizes
 from effivlm.backbones.tiny import build_tiny
 from effivlm.efficiency.flops import DecoderShape, decode_flops, prefill_flops
 from effivlm.pipeline import Generation, Pipeline, Prompt

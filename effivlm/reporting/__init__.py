@@ -1,22 +1,4 @@
-"""Tables and figures from evaluation jobs."""
+"""Tables and figures from evaluation jobs: aggregate (metrics, summary, views), efficiency, tables, figures.
 
-from effivlm.reporting.aggregate import (
-    Job,
-    aggregate,
-    build_metrics_table,
-    build_summary_table,
-    load_job,
-    summary_markdown,
-)
-from effivlm.reporting.figures import plot_retained, plot_task_ratios
-
-__all__ = [
-    "Job",
-    "aggregate",
-    "build_metrics_table",
-    "build_summary_table",
-    "load_job",
-    "plot_retained",
-    "plot_task_ratios",
-    "summary_markdown",
-]
+The package imports nothing itself, so that the workflow reads table names without loading pandas or matplotlib.
+"""
