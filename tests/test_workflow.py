@@ -147,7 +147,13 @@ def test_whole_dag_on_the_test_config(test_run: TestRun) -> None:
     dense = metrics[metrics["method"] == "dense"]
     assert len(dense) == 2 * 2
     assert (dense["loyalty"] == 1.0).all()
-    assert (dense["ratio"].dropna() == 1.0).all()
+    # the 150-step test backbones answer: every ratio is defined, and a method that drops most of the image
+    # loses agreement with dense somewhere (the equality checks of the other integration tests compare real
+    # answers)
+    assert (dense["score"] >= 0.5).all(), dense[["model", "task", "score"]]
+    assert (dense["ratio"] == 1.0).all()
+    assert metrics["ratio"].notna().all()
+    assert (metrics[metrics["budget"] <= 0.1]["loyalty"] < 1.0).any()
     assert (metrics["n"] > 0).all() and (metrics["n"] <= 20).all()
     for name in ("summary.csv", "summary.md"):
         assert (results / "tables" / name).stat().st_size > 0
@@ -210,11 +216,8 @@ def test_whole_dag_on_the_test_config(test_run: TestRun) -> None:
     assert summary.loc[summary["model"] == "qwen2-vl-tiny", "ttft_speedup"].notna().all()
     assert summary.loc[summary["model"] == "llava-ov-tiny", "ttft_speedup"].isna().all()  # not profiled
     pareto = pd.read_csv(results / "tables" / "pareto.csv")
-    # a quality axis is drawn wherever it is defined beside an efficiency figure: OL always; OP only where the
-    # dense model scores above 0 (the 20-step test backbones may score 0, which leaves every ratio undefined)
-    timed = summary[summary["ttft_speedup"].notna()]
-    expected = {q for q in ("OP", "OL") if timed[q].notna().any()}
-    assert "OL" in expected and set(pareto["quality"]) == expected and pareto["on_front"].any()
+    # both quality axes beside every efficiency figure (OP is defined: the dense models score above 0)
+    assert set(pareto["quality"]) == {"OP", "OL"} and pareto["on_front"].any()
     for name in PAPER_TABLES:
         for ext in ("csv", "md", "tex"):
             assert (results / "tables" / "paper" / f"{name}.{ext}").stat().st_size > 0
