@@ -429,3 +429,72 @@ def test_kv_kept_share_comes_from_the_jobs_cache_bytes(tmp_path: Path) -> None:
     r = row(build_metrics_table([dense, comp]), method="snapkv")
     assert r["kv_kept_share"] == pytest.approx(0.1)
     assert math.isnan(row(build_metrics_table([dense, comp]), method="dense")["kv_kept_share"])
+
+
+# Logs that the fast readers must not read differently from the line-by-line one: predictions that pyarrow
+# would type as dates or numbers, string doc ids, scores of mixed types, a judge's dict as a score.
+AWKWARD_LOGS = {
+    "dates-and-numbers": [
+        {"doc_id": 0, "prediction": "2021-01-01", "score": 1.0},
+        {"doc_id": 1, "prediction": 7, "score": 0.0},
+        {"doc_id": 2, "prediction": "  Red. ", "score": 1.0},
+    ],
+    "all-dates": [
+        {"doc_id": 0, "prediction": "2021-01-01", "score": 1.0},
+        {"doc_id": 1, "prediction": "2021-01-02", "score": 0.0},
+        {"doc_id": 2, "prediction": "1999-12-31", "score": 1.0},
+    ],
+    "all-numbers": [
+        {"doc_id": 0, "prediction": 7, "score": 1.0},
+        {"doc_id": 1, "prediction": 8, "score": 0.0},
+        {"doc_id": 2, "prediction": 9.5, "score": 1.0},
+    ],
+    "string-doc-ids": [
+        {"doc_id": "q-2", "prediction": "A", "score": True},
+        {"doc_id": "q-10", "prediction": "b", "score": False},
+        {"doc_id": "q-1", "prediction": "(C)", "score": True},
+    ],
+    "mixed-scores": [
+        {"doc_id": 0, "prediction": "yes", "score": 1},
+        {"doc_id": 1, "prediction": "no", "score": 0.5},
+        {"doc_id": 2, "prediction": "yes", "score": {"judge": 3}},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", AWKWARD_LOGS)
+def test_every_reader_gives_the_table_of_the_checked_one(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from effivlm.reporting import aggregate as agg
+
+    records = AWKWARD_LOGS[name]
+    folders = []
+    for method, flip in (("dense", False), ("random", True)):
+        folder = write_job(tmp_path, "m", method, 1.0 if method == "dense" else 0.1, "t", 0.5, ["x"] * 3)
+        lines = [
+            {**r, "prediction": "other" if flip and i == 0 else r["prediction"]}
+            for i, r in enumerate(records)
+        ]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        folders.append(folder)
+
+    def table(pyarrow: bool, fast: bool) -> pd.DataFrame:
+        monkeypatch.setattr(agg, "_PYARROW", pyarrow)
+        if not fast:
+            monkeypatch.setattr(agg, "_read_predictions_fast", lambda path: None)
+        metrics = build_metrics_table(folders).drop(columns=["job_dir"])
+        monkeypatch.undo()
+        return metrics
+
+    checked = table(pyarrow=False, fast=False)
+    row = checked[checked["method"] == "random"].iloc[0]
+    assert row["loyalty"] == pytest.approx(2 / 3)  # the first answer changed; "  Red. " equals itself
+    for pyarrow in (True, False):
+        pd.testing.assert_frame_equal(table(pyarrow=pyarrow, fast=True), checked, check_exact=True)
+    # what the first reader parsed is text as the log wrote it, never a date or a number
+    monkeypatch.setattr(agg, "_PYARROW", True)
+    _, predictions = load_job(folders[0])
+    assert [agg._as_text(v) for v in predictions["prediction"]] == [
+        agg._as_text(r["prediction"]) for r in records
+    ]
