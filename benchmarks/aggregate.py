@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effivlm.config import efficiency_file, efficiency_jobs, eval_jobs, job_dir, load_config  # noqa: E402
-from effivlm.efficiency.bench import Report, markdown  # noqa: E402
+from effivlm.efficiency.bench import Report, markdown, run_benchmark  # noqa: E402
 from effivlm.reporting.aggregate import aggregate  # noqa: E402
 from effivlm.reporting.tables import write_paper_tables  # noqa: E402
 
@@ -206,10 +206,7 @@ def run(args: argparse.Namespace) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    args = parse_args(argv)
-    report = run(args)
-    report.publish(args.out)
-    return report
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from typing import Any
 
 import snakemake
 
-from effivlm.efficiency.bench import Report, markdown, positive
+from effivlm.efficiency.bench import Report, markdown, positive, progress, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -249,15 +249,8 @@ def display(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def progress(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> Report:
-    args = parse_args(argv)
-    report = run(args)
-    report.publish(args.out)
-    return report
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ from effivlm.efficiency.bench import (
     positive,
     random_backbone,
     resolve_device_flags,
+    run_benchmark,
     setup_record,
     time_interleaved,
     timing_line,
@@ -403,10 +404,7 @@ def _run(args: argparse.Namespace) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    args = parse_args(argv)
-    report = run(args)
-    report.publish(args.out)
-    return report
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,9 @@ from effivlm.efficiency.bench import (
     markdown,
     parse_resolved,
     positive,
+    progress,
     resolve_device_flags,
+    run_benchmark,
     setup_record,
     time_interleaved,
 )
@@ -752,15 +754,8 @@ def _run(args: argparse.Namespace) -> Report:
     return Report(lines, rows, targets, setup_record(args))
 
 
-def progress(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> Report:
-    args = parse_args(argv)
-    report = run(args)
-    report.publish(args.out)
-    return report
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -292,3 +292,20 @@ class Report:
         if out is not None:
             tables = {"setup": self.setup, "rows": self.rows, "targets": self.targets}
             write_report(out, tables, self.lines)
+
+
+def run_benchmark(
+    parse_args: Callable[[Sequence[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace], Report],
+    argv: Sequence[str] | None = None,
+) -> Report:
+    """A benchmark's main: parse its arguments, run it, print the report and write it to ``--out``."""
+    args = parse_args(argv)
+    report = run(args)
+    report.publish(args.out)
+    return report
+
+
+def progress(message: str) -> None:
+    """A benchmark's progress line, on stderr so that the printed report stays clean."""
+    print(f"  {message}", file=sys.stderr, flush=True)
