@@ -16,7 +16,7 @@ from effivlm.backbones.loading import load_model_spec
 from effivlm.calibration import Statistics, calibration_batches, collect_statistics
 from effivlm.checkpoints import save_compressed
 from effivlm.data import calibration as calibration_data
-from effivlm.io import log_to_file
+from effivlm.io import file_sha256, log_to_file
 from effivlm.methods.weights import build_weight_method
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def run_calibration(
         backbone = load_model_spec(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
         meta = {
             "model": model["name"],
-            "calibration_sha256": calibration_data.digest(Path(calibration_file)),
+            "calibration_sha256": file_sha256(calibration_file),
             "samples": len(records),
         }
         stats = collect_statistics(backbone, records, batch_size=batch_size, hessians=hessians, meta=meta)

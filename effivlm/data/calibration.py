@@ -14,7 +14,6 @@ base64 PNG), so that a calibration set is one file with one digest. Two ways to 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from effivlm.data import synthetic
-from effivlm.io import write_text_atomic
+from effivlm.io import file_sha256, write_text_atomic
 
 FORMAT = "effivlm-calibration-v1"
 DEFAULT_PROMPT = "Describe the image."
@@ -124,7 +123,7 @@ def write_calibration(path: Path, records: list[dict[str, str]]) -> str:
     """Write the records as JSONL (atomically); returns the file's sha256, the calibration digest."""
     lines = [json.dumps(r, separators=(",", ":"), sort_keys=True) + "\n" for r in records]
     write_text_atomic(Path(path), lines)
-    return digest(path)
+    return file_sha256(path)
 
 
 def read_calibration(path: Path) -> list[dict[str, str]]:
@@ -141,10 +140,6 @@ def _count_lines(path: Path) -> int:
     if n == 0:
         raise CalibrationError(f"calibration file {path} is empty")
     return n
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def decode(record: dict[str, str]) -> Image.Image:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from effivlm.data.font import GLYPH_COLS, GLYPH_ROWS, N_VARIANTS, glyph
-from effivlm.io import write_text_atomic
+from effivlm.io import file_sha256, write_text_atomic
 from effivlm.registry import closest_hint
 
 FORMAT = "effivlm-synthetic-v1"
@@ -317,10 +317,6 @@ def _rng_for(seed: int, task: str, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(task.encode()), zlib.crc32(split.encode())])
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_split(
     path: Path,
     task: str,
@@ -410,7 +406,7 @@ def write_suite(
         )
         for split, n in (("test", n_test), ("train", n_train)):
             rel = f"{task}/{split}.jsonl"
-            files[rel] = {"n": int(n), "sha256": _file_sha256(out_dir / rel)}
+            files[rel] = {"n": int(n), "sha256": file_sha256(out_dir / rel)}
     manifest = {
         "format": FORMAT,
         "seed": int(seed),

@@ -30,7 +30,7 @@ from typing import Any
 import effivlm
 from effivlm.evaluation.lmms_model import MODEL_NAME
 from effivlm.evaluation.tasks import write_synthetic_task
-from effivlm.io import log_to_file, write_text_atomic
+from effivlm.io import file_sha256, log_to_file, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -160,14 +160,6 @@ def _folder_signature(path: str) -> list | str:
     return [[str(file.relative_to(root)), file.stat().st_size, file.stat().st_mtime_ns] for file in files]
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resume_key(settings: dict[str, Any], model: dict, task: dict) -> str:
     """A hash of everything that can change an answer: the job's settings (method, budget, seed, batch size,
     limit, dtype, ...), the code and lmms-eval versions, the model's files and a synthetic task's data."""
@@ -178,7 +170,7 @@ def resume_key(settings: dict[str, Any], model: dict, task: dict) -> str:
         **settings,
         "model": {**model, "files": _folder_signature(str(model["path"]))},
         "task": task,
-        "data": _file_digest(data) if data is not None and data.is_file() else None,
+        "data": file_sha256(data) if data is not None and data.is_file() else None,
         "code_version": effivlm.CODE_VERSION,
         "effivlm_version": effivlm.__version__,
         "lmms_eval_version": version("lmms_eval"),
