@@ -30,8 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import DRY, REPO, TestRun, command
-from test_determinism import derived_config
+from helpers import DRY, REPO, TestRun, command, derived_config
 
 pytestmark = pytest.mark.slow
 

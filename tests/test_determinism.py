@@ -14,99 +14,15 @@ only sizes, so this slice stands for it (a full second run of it takes over an h
 
 from __future__ import annotations
 
-import copy
 import json
-import re
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 import pytest
-import yaml
-from helpers import REPO, TestRun, snakemake
+from helpers import TestRun, assert_same_results, derived_config, run_derived, snakemake
 
 from effivlm.config import eval_jobs, load_config
 
 pytestmark = pytest.mark.slow
-
-#: fields that measure time (or depend on a measured time), never compared
-TIMING = re.compile(r"seconds|_ms$|ttft|decode_(?:ms|q|speedup)|speedup|tokens_per_s|peak_memory")
-
-
-def derived_config(models: list[str], tasks: list[str], methods: list[str]) -> dict[str, Any]:
-    """configs/test.yaml cut down to some models, tasks and method variants, without efficiency jobs (they
-    measure time). Every job it keeps has exactly the params of the same job of the full config."""
-    cfg = yaml.safe_load((REPO / "configs/test.yaml").read_text())
-    cfg["models"] = {name: cfg["models"][name] for name in models}
-    cfg["tasks"] = {name: cfg["tasks"][name] for name in tasks}
-    cfg["methods"] = {name: cfg["methods"][name] for name in methods}
-    used = {spec.get("weights") for spec in cfg["methods"].values()} - {None}
-    cfg["weights"] = {name: spec for name, spec in cfg["weights"].items() if name in used}
-    cfg["efficiency"] = {"models": []}
-    return cfg
-
-
-def run_derived(workdir: Path, cfg: dict[str, Any], *args: str) -> tuple[Path, list[str]]:
-    """Write ``cfg`` beside ``workdir`` and return (its results folder, the arguments of a Snakemake run of
-    its tables)."""
-    results = workdir / "results"
-    cfg = {**copy.deepcopy(cfg), "results": str(results)}
-    cfg_file = workdir.parent / f"{workdir.name}.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    # the target first: --configfile takes every argument after it
-    return results, [f"{results}/tables/metrics.csv", *args, "--configfile", str(cfg_file)]
-
-
-def _masked(value: Any, results: Path) -> Any:
-    """A JSON value with timing fields dropped and the results folder's path replaced by '<results>'."""
-    if isinstance(value, dict):
-        return {k: _masked(v, results) for k, v in value.items() if not TIMING.search(k)}
-    if isinstance(value, list):
-        return [_masked(v, results) for v in value]
-    if isinstance(value, str):
-        return value.replace(str(results), "<results>")
-    return value
-
-
-def masked_json(path: Path, results: Path) -> Any:
-    return _masked(json.loads(path.read_text()), results)
-
-
-def metrics_rows(results: Path, jobs: list[str]) -> pd.DataFrame:
-    """The rows of tables/metrics.csv of ``jobs`` (``model/variant/budget/task``), timing columns dropped and
-    paths made relative to the results folder."""
-    table = pd.read_csv(results / "tables" / "metrics.csv", dtype=str, keep_default_na=False)  # cells as text
-    table = table.drop(columns=[c for c in table.columns if TIMING.search(c)])
-    table["job_dir"] = table["job_dir"].str.replace(str(results), "<results>", regex=False)
-    keys = table["job_dir"].str.removeprefix("<results>/eval/")
-    return table[keys.isin(jobs)].sort_values("job_dir").reset_index(drop=True)
-
-
-def assert_same_results(first: Path, second: Path) -> list[str]:
-    """Every job folder, backbone and checkpoint of ``second`` holds what the same one of ``first`` holds;
-    returns the jobs compared (``model/variant/budget/task``)."""
-    jobs = sorted(
-        str(p.parent.relative_to(second / "eval")) for p in second.glob("eval/*/*/*/*/metrics.json")
-    )
-    assert jobs, f"no finished jobs in {second}"
-    for job in jobs:
-        a, b = first / "eval" / job, second / "eval" / job
-        assert (a / "predictions.jsonl").read_bytes() == (b / "predictions.jsonl").read_bytes(), job
-        assert masked_json(a / "metrics.json", first) == masked_json(b / "metrics.json", second), job
-    folders = [p.relative_to(second) for p in (*second.glob("backbones/*"), *second.glob("compressed/*/*"))]
-    assert folders, f"no backbones or checkpoints in {second}"
-    for folder in folders:
-        files = sorted(p.name for p in (second / folder).iterdir())
-        assert files == sorted(p.name for p in (first / folder).iterdir()), folder
-        for name in files:
-            a, b = first / folder / name, second / folder / name
-            if name.startswith("effivlm_"):  # what the folder holds and how it was made: timings, paths
-                assert masked_json(a, first) == masked_json(b, second), b
-            else:
-                assert a.read_bytes() == b.read_bytes(), b
-    pd.testing.assert_frame_equal(metrics_rows(first, jobs), metrics_rows(second, jobs))
-    return jobs
-
 
 SLICE = derived_config(models=["llava-ov-tiny"], tasks=["count"], methods=["dense", "fastv"])
 

@@ -250,23 +250,30 @@ def _answers_files(out: Path) -> list[Path]:
     return sorted(out.glob(".answers-*.jsonl"))
 
 
+def _interrupted(tmp_path: Path, fake_pipeline, n: int, fail: int) -> Path:
+    """Run a job of ``n`` samples whose ``fail``-th batch raises; return the answers file it left, with the
+    fake pipeline reset (no failure, no batches counted) for the rerun."""
+    fake_pipeline.fail = fail
+    with pytest.raises(RuntimeError, match="killed at a batch"):
+        _run(tmp_path, n=n)
+    (answers,) = _answers_files(tmp_path / "out")
+    fake_pipeline.batches.clear()
+    fake_pipeline.fail = False
+    return answers
+
+
 def test_a_failed_evaluation_resumes_from_its_last_finished_batch(tmp_path, fake_pipeline, monkeypatch):
     monkeypatch.setattr(FakePipeline, "generate", _answer_by_colour)
     uninterrupted = _run(tmp_path / "whole", n=10)
     assert fake_pipeline.batches == [4, 4, 2] and uninterrupted["score"] == pytest.approx(0.5)
 
     fake_pipeline.batches.clear()
-    fake_pipeline.fail = 3  # the third batch fails: the first two are logged
-    with pytest.raises(RuntimeError, match="killed at a batch"):
-        _run(tmp_path, n=10)
-    (answers,) = _answers_files(tmp_path / "out")
+    answers = _interrupted(tmp_path, fake_pipeline, n=10, fail=3)  # the first two batches are logged
     assert len(answers.read_text().splitlines()) == 8
     assert not (tmp_path / "out" / METRICS).exists()
     with answers.open("a") as fh:  # a kill during a write leaves a torn last line
         fh.write('{"key": "')
 
-    fake_pipeline.batches.clear()
-    fake_pipeline.fail = False
     _run(tmp_path, n=10, log=tmp_path / "job.log")
     assert fake_pipeline.batches == [2]  # only the last batch, with the boundaries of an uninterrupted run
     assert _outputs(tmp_path / "out") == _outputs(tmp_path / "whole" / "out")
@@ -280,14 +287,9 @@ def test_a_failed_evaluation_resumes_from_its_last_finished_batch(tmp_path, fake
 def test_a_partly_logged_batch_is_generated_again(tmp_path, fake_pipeline, monkeypatch):
     """A batch is answered from the log only when all of it is there: its padding must stay the same."""
     monkeypatch.setattr(FakePipeline, "generate", _answer_by_colour)
-    fake_pipeline.fail = 2
-    with pytest.raises(RuntimeError):
-        _run(tmp_path, n=6)
-    (answers,) = _answers_files(tmp_path / "out")
+    answers = _interrupted(tmp_path, fake_pipeline, n=6, fail=2)
     lines = answers.read_text().splitlines(keepends=True)
     answers.write_text("".join(lines[:3]))  # the first batch of 4, one sample short
-    fake_pipeline.batches.clear()
-    fake_pipeline.fail = False
     _run(tmp_path, n=6)
     assert fake_pipeline.batches == [4, 2]
 
@@ -296,12 +298,7 @@ def test_a_changed_configuration_never_resumes_from_stale_answers(tmp_path, fake
     from effivlm.evaluation.runner import resume_key
 
     monkeypatch.setattr(FakePipeline, "generate", _answer_by_colour)
-    fake_pipeline.fail = 2
-    with pytest.raises(RuntimeError):
-        _run(tmp_path, n=6)
-    (stale,) = _answers_files(tmp_path / "out")
-    fake_pipeline.batches.clear()
-    fake_pipeline.fail = False
+    stale = _interrupted(tmp_path, fake_pipeline, n=6, fail=2)
     _run(tmp_path, n=6, seed=1)  # another seed: every batch is generated, the stale answers are dropped
     assert fake_pipeline.batches == [4, 2]
     assert not stale.exists() and not _answers_files(tmp_path / "out")

@@ -23,8 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import TestRun, command, snakemake
-from test_determinism import assert_same_results, derived_config, run_derived
+from helpers import TestRun, assert_same_results, command, derived_config, run_derived, snakemake
 
 from effivlm.config import eval_jobs, load_config
 from effivlm.data.synthetic import write_split
