@@ -20,7 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from effivlm.attention import probe_attention, received_attention
+from effivlm.attention import (
+    plain_attention,
+    probe_attention,
+    received_attention,
+    received_attention_and_output,
+)
 from effivlm.methods.base import LayerTokenMethod, kept_count
 
 
@@ -132,9 +137,15 @@ class LayerPruning:
         self.in_prefill = False
 
     # ------------------------------------------------------------------ prefill
-    def _score(self, module, query, key, value, attention_mask, kwargs) -> None:
+    def _score(self, module, query, key, value, attention_mask, kwargs) -> torch.Tensor | None:
         if not self.in_prefill:
-            return
+            return None
+        if self.method.score_queries == "all" and plain_attention(kwargs) and key.shape[2] == query.shape[2]:
+            # every query's row is needed: the scoring pass computes the layer's attention output too
+            self.scores, output = received_attention_and_output(
+                query, key, value, causal=True, scaling=kwargs.get("scaling"), valid=self.valid
+            )
+            return output
         self.scores = received_attention(
             query,
             key,

@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from effivlm.attention import head_mean_keys, probe_attention, received_attention
+from effivlm.attention import (
+    head_mean_keys,
+    plain_attention,
+    probe_attention,
+    received_attention,
+    received_attention_and_output,
+)
 from effivlm.backbones.loading import Backbone, load_backbone
 from effivlm.kv_cache import KVCompression, entry_bytes
 from effivlm.layer_pruning import LayerPruning, SegmentSlots, repack_left
@@ -204,9 +210,17 @@ class Pipeline:
         recorded: list[torch.Tensor] = []
         queries = "first" if adapter.vision_cls_token else "all"
 
-        def record(module, query, key, value, attention_mask, kwargs) -> None:
-            attention = received_attention(query, key, queries=queries, scaling=kwargs.get("scaling"))
+        def record(module, query, key, value, attention_mask, kwargs) -> torch.Tensor | None:
+            output = None
+            if queries == "all" and attention_mask is None and plain_attention(kwargs):
+                # every query's row is needed: the scoring pass computes the layer's attention output too
+                attention, output = received_attention_and_output(
+                    query, key, value, causal=False, scaling=kwargs.get("scaling")
+                )
+            else:
+                attention = received_attention(query, key, queries=queries, scaling=kwargs.get("scaling"))
             recorded.append(torch.cat([attention[..., None], head_mean_keys(key)], dim=-1))  # (n, P, 1 + d)
+            return output
 
         with probe_attention([adapter.vision_attention(model)], record):
             features = adapter.image_features(model, inputs)

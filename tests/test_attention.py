@@ -225,7 +225,7 @@ def test_column_sums_over_many_rows_match_the_explicit_softmax(dtype):
 @pytest.mark.parametrize("chunk", [3, 128])
 def test_column_sums_also_give_the_attention_output(chunk):
     """With the values, the scoring pass returns the layer's attention output (B, L, H, d) too: sdpa's on every
-    valid row, zeros on padding rows; it needs every valid row weighted."""
+    valid row, weighted or not, zeros on padding rows."""
     query, key = random_qk(b=2, h=4, kvh=2, q=12, k=12, d=8, seed=7)
     value = torch.randn(2, 2, 12, 8, generator=torch.Generator().manual_seed(8))
     valid = left_padding(2, 12, [0, 4])
@@ -243,10 +243,79 @@ def test_column_sums_also_give_the_attention_output(chunk):
         torch.testing.assert_close(output[s, start:], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     assert (output[1, :4] == 0).all()
     torch.testing.assert_close(sums, attention_column_sums(query, key, valid.float(), key_valid=valid)[0])
+    # rows left out of the sums still get their output
     some = valid.float()
     some[0, 3] = 0.0
-    with pytest.raises(ValueError, match="every valid query row weighted"):
-        attention_column_sums(query, key, some, key_valid=valid, value=value)
+    some_sums, _, some_output = attention_column_sums(
+        query, key, some, key_valid=valid, value=value, chunk=chunk
+    )
+    torch.testing.assert_close(some_output, output)
+    torch.testing.assert_close(some_sums, attention_column_sums(query, key, some, key_valid=valid)[0])
+    assert not torch.allclose(some_sums, sums)
+
+
+def test_column_sums_without_the_causal_mask_match_sdpa():
+    """A vision encoder's layer: every query sees every key; sums and output are the explicit softmax's."""
+    query, key = random_qk(b=1, h=4, kvh=4, q=9, k=9, d=8, seed=11)
+    value = torch.randn(1, 4, 9, 8, generator=torch.Generator().manual_seed(12))
+    weight = torch.ones(1, 9)
+    sums, sparsity, output = attention_column_sums(
+        query, key, weight, causal=False, value=value, sparsity_threshold=0.3, chunk=4
+    )
+    probs = naive_probabilities(query, key)  # (1, H, 9, 9)
+    torch.testing.assert_close(sums.double(), probs.sum(dim=2), atol=1e-6, rtol=1e-5)
+    want = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+    torch.testing.assert_close(output, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    top = probs.amax(dim=-1, keepdim=True)
+    assert float(sparsity[0]) == pytest.approx(float((probs < 0.3 * top).double().mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_column_sums_are_the_same_on_any_number_of_threads(threads):
+    """The per-key-head tasks run on a thread pool when torch has several threads: same results to the bit,
+    inference tensors written inside the tasks, and the thread count restored."""
+    query, key = random_qk(b=2, h=6, kvh=3, q=30, k=30, d=8, seed=13)
+    value = torch.randn(2, 3, 30, 8, generator=torch.Generator().manual_seed(14))
+    valid = left_padding(2, 30, [0, 7])
+    weight = valid.float()
+    weight[0, :10] = 0.0
+    before = torch.get_num_threads()
+
+    def run(n):
+        torch.set_num_threads(n)
+        try:
+            with torch.inference_mode():
+                return attention_column_sums(
+                    query, key, weight, key_valid=valid, value=value, sparsity_threshold=0.1, chunk=8
+                )
+        finally:
+            torch.set_num_threads(before)
+
+    single = run(1)
+    calls = []
+    original = attention_module.ThreadPoolExecutor
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention_module, "ThreadPoolExecutor", lambda n: calls.append(n) or original(n))
+        several = run(threads)
+    assert len(calls) == (threads > 1)
+    for got, want in zip(several, single, strict=True):
+        assert torch.equal(got, want)
+    assert torch.get_num_threads() == before
+
+
+def test_a_failing_task_restores_the_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+
+        def fail():
+            raise RuntimeError("task failed")
+
+        with pytest.raises(RuntimeError, match="task failed"):
+            attention_module.run_tasks([fail, fail], torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_chosen_rows_only():

@@ -317,3 +317,33 @@ def test_eager_attention_gives_the_same_cache_and_tokens(tiny_paths, backbones, 
     got = Pipeline(eager, build_method(name, 0.4)).generate(prompts, NEW_TOKENS)
     assert [g.text for g in got] == [g.text for g in want]
     assert [g.stats["kv_tokens"] for g in got] == [g.stats["kv_tokens"] for g in want]
+
+
+@pytest.mark.parametrize(
+    ("name", "replaced"),
+    [("h2o", True), ("lookm", True), ("vlcache", True), ("snapkv", False), ("pyramidkv", False)],
+)
+def test_scoring_pass_replaces_the_layers_attention_when_it_covers_most_rows(
+    backbones, prompts, monkeypatch, name, replaced
+):
+    """H2O and LOOK-M score every prompt row and VL-Cache the rows after the image, most of the attention work:
+    their pass returns the layer's output and the model's own attention function is not called in the prefill.
+    SnapKV and PyramidKV score a window of rows: the model's function runs and the pass scores the window."""
+    backbone = backbones["qwen2_vl"]
+    prefill_calls = []
+    original = attention._base_function
+
+    def counting(module, implementation):
+        function = original(module, implementation)
+
+        def call(module, query, *args, **kwargs):
+            if query.shape[2] > 1:
+                prefill_calls.append(query.shape[2])
+            return function(module, query, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(attention, "_base_function", counting)
+    Pipeline(backbone, build_method(name, 0.1)).generate(prompts[:1], NEW_TOKENS)
+    n_layers = len(backbone.adapter.decoder_layers(backbone.model))
+    assert len(prefill_calls) == (0 if replaced else n_layers)

@@ -223,3 +223,33 @@ def test_eager_attention_gives_the_same_selection_and_tokens(tiny_paths, backbon
     got = Pipeline(eager, built).generate(prompts, NEW_TOKENS)
     assert [g.text for g in got] == [g.text for g in want]
     assert [g.stats["layer_visual"] for g in got] == [g.stats["layer_visual"] for g in want]
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "replaced"),
+    [
+        ("visionzip", {}, True),
+        ("prumerge_plus", {}, True),
+        ("fastv", {"ranking": "mean"}, True),
+        ("fastv", {"ranking": "last"}, False),
+    ],
+)
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_scoring_pass_replaces_the_probed_attention_when_every_row_counts(
+    backbones, prompts, monkeypatch, family, method, params, replaced
+):
+    """A score that needs every query's row (the vision layer's mean attention, FastV's mean ranking) comes from
+    one pass that also gives the probed layer its output: the model's own attention function is not called
+    there. FastV's last-query ranking scores one row, so the model's function runs."""
+    backbone = backbones[family]
+    probed_calls = []
+    original = attention._base_function
+
+    def counting(module, implementation):
+        probed_calls.append(type(module).__name__)
+        return original(module, implementation)
+
+    monkeypatch.setattr(attention, "_base_function", counting)
+    built = build_method(method, 0.1, params)
+    Pipeline(backbone, built).generate(prompts[:1], 1)  # one new token: the prefill alone
+    assert (not probed_calls) == replaced, probed_calls
