@@ -369,8 +369,8 @@ def describe(args: argparse.Namespace, backbone: Backbone, dense: dict[str, Any]
         "KV / dense = kv_bytes / kv_bytes_dense of the prompt's cache after compression; KV entries/layer: the "
         "mean over decoder layers.",
         f"attention over keys is {attention_share(backbone, dense['prompt_tokens']):.1%} of the decoder's prefill "
-        "FLOPs: H2O, LOOK-M and VL-Cache score one more attention-sized pass over their query rows, so their "
-        "TTFT x falls as this share grows (Qwen2-VL-7B at 4,100 tokens: 5.9%).",
+        "FLOPs: H2O, LOOK-M and VL-Cache compute the layer's attention in their scoring pass, which costs more "
+        "than sdpa, so their TTFT x falls as this share grows (Qwen2-VL-7B at 4,100 tokens: 5.9%).",
     ]
 
 
