@@ -6,7 +6,8 @@ attention modules through a thin wrapper registered in transformers' ``Attention
 the module's post-rope queries and keys to a callback, then calls the implementation the model was loaded
 with, unchanged. The routing is a per-module copy of the config, restored when the context ends; no other
 module, no global setting and nothing at import time is touched. The callback computes just the rows it needs,
-in query chunks, with ``received_attention``.
+in query chunks, with ``received_attention``; when a score needs every query's row, ``attention_column_sums``
+computes the call's output from the same probabilities and the model's own implementation is skipped.
 """
 
 from __future__ import annotations
