@@ -196,3 +196,23 @@ def assert_method_leaves_the_model_as_it_was(backbone, prompts, method: str, new
     assert {id(m): m.config for m in model.modules() if hasattr(m, "config")} == configs
     assert hook_count(model) == hooks
     assert not attention._ACTIVE
+
+
+def model_attention_calls(monkeypatch) -> list[tuple[str, int]]:
+    """While the test runs, every call a probe passes on to the model's own attention function appends (the
+    attention module's class name, the call's query rows) to the returned list; calls whose output the scoring
+    pass computed itself never reach it."""
+    calls: list[tuple[str, int]] = []
+    original = attention._base_function
+
+    def counting(module, implementation):
+        function = original(module, implementation)
+
+        def call(module, query, *args, **kwargs):
+            calls.append((type(module).__name__, query.shape[2]))
+            return function(module, query, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(attention, "_base_function", counting)
+    return calls

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_method_leaves_the_model_as_it_was, hook_count
+from helpers import assert_method_leaves_the_model_as_it_was, hook_count, model_attention_calls
 from transformers import DynamicCache
 
 from effivlm import attention, kv_cache
@@ -330,20 +330,8 @@ def test_scoring_pass_replaces_the_layers_attention_when_it_covers_most_rows(
     their pass returns the layer's output and the model's own attention function is not called in the prefill.
     SnapKV and PyramidKV score a window of rows: the model's function runs and the pass scores the window."""
     backbone = backbones["qwen2_vl"]
-    prefill_calls = []
-    original = attention._base_function
-
-    def counting(module, implementation):
-        function = original(module, implementation)
-
-        def call(module, query, *args, **kwargs):
-            if query.shape[2] > 1:
-                prefill_calls.append(query.shape[2])
-            return function(module, query, *args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(attention, "_base_function", counting)
+    calls = model_attention_calls(monkeypatch)
     Pipeline(backbone, build_method(name, 0.1)).generate(prompts[:1], NEW_TOKENS)
     n_layers = len(backbone.adapter.decoder_layers(backbone.model))
+    prefill_calls = [rows for _, rows in calls if rows > 1]  # decode steps have one query row
     assert len(prefill_calls) == (0 if replaced else n_layers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_method_leaves_the_model_as_it_was, hook_count
+from helpers import assert_method_leaves_the_model_as_it_was, hook_count, model_attention_calls
 
 from effivlm import attention
 from effivlm.backbones import available_families
@@ -241,15 +241,7 @@ def test_scoring_pass_replaces_the_probed_attention_when_every_row_counts(
     """A score that needs every query's row (the vision layer's mean attention, FastV's mean ranking) comes from
     one pass that also gives the probed layer its output: the model's own attention function is not called
     there. FastV's last-query ranking scores one row, so the model's function runs."""
-    backbone = backbones[family]
-    probed_calls = []
-    original = attention._base_function
-
-    def counting(module, implementation):
-        probed_calls.append(type(module).__name__)
-        return original(module, implementation)
-
-    monkeypatch.setattr(attention, "_base_function", counting)
+    calls = model_attention_calls(monkeypatch)
     built = build_method(method, 0.1, params)
-    Pipeline(backbone, built).generate(prompts[:1], 1)  # one new token: the prefill alone
-    assert (not probed_calls) == replaced, probed_calls
+    Pipeline(backbones[family], built).generate(prompts[:1], 1)  # one new token: the prefill alone
+    assert (not calls) == replaced, calls
