@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +22,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from effivlm.ops import MIN_RELATIVE_THRESHOLD, count_below
+from effivlm.parallel import Scratch, run_tasks
 
 PROBE_IMPLEMENTATION = "effivlm_probe"
 
@@ -269,6 +271,10 @@ def attention_column_sums(
     kvh = key.shape[1]
     if h % kvh:
         raise ValueError(f"{h} query heads are not a multiple of {kvh} key heads")
+    if sparsity_threshold is not None and not MIN_RELATIVE_THRESHOLD <= sparsity_threshold < 1:
+        raise ValueError(
+            f"sparsity_threshold must be in [{MIN_RELATIVE_THRESHOLD}, 1), got {sparsity_threshold}"
+        )
     group = h // kvh
     scale = d**-0.5 if scaling is None else scaling
     device = query.device
@@ -315,11 +321,14 @@ class _ScorePass:
     output: torch.Tensor | None
     rows_per_chunk: int
 
-    def run(self, s: int, start: int, heads: slice, rows: torch.Tensor, weight: torch.Tensor) -> None:
+    def run(
+        self, s: int, start: int, heads: slice, rows: torch.Tensor, weight: torch.Tensor, scratch: Scratch
+    ) -> None:
         """Sample ``s`` (valid from ``start``), key heads ``heads`` and their query heads, query ``rows``."""
         group, step = self.group, self.rows_per_chunk
         qh = slice(heads.start * group, heads.stop * group)  # the query heads of these key heads
-        queries = self.query[s, qh, start:] * self.scale  # (hq, n, d)
+        unscaled = self.query[s, qh, start:]
+        queries = torch.mul(unscaled, self.scale, out=scratch.take("q", unscaled.shape, *_kind(unscaled)))
         keys_t = self.key[s, heads, start:].transpose(-1, -2)  # (nk, d, n)
         values = self.value[s, heads, start:] if self.value is not None else None
         nk, (hq, n, d) = keys_t.shape[0], queries.shape
@@ -335,20 +344,22 @@ class _ScorePass:
             c, low = idx.numel(), int(idx[0])
             width = (int(idx[-1]) + 1) if self.causal else n
             picked = queries[:, low : low + c] if contiguous else queries[:, idx]
-            logits = torch.matmul(picked.reshape(nk, group * c, d), keys_t[..., :width]).reshape(hq, c, width)
+            logits = scratch.take("logits", (nk, group * c, width), *_kind(queries))
+            torch.matmul(picked.reshape(nk, group * c, d), keys_t[..., :width], out=logits)
+            logits = logits.view(hq, c, width)
             if self.causal and contiguous:
                 logits[..., low:width].masked_fill_(triangle[:c, :c], float("-inf"))
             elif self.causal and low + 1 < width:
                 # only keys right of the chunk's first row can be in the future of some row
                 future = torch.arange(low + 1, width, device=idx.device)[None, :] > idx[:, None]
                 logits[..., low + 1 :].masked_fill_(future, float("-inf"))
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (hq, c, width)
+            probs = scratch.take("probs", (hq, c, width), torch.float32, queries.device)
+            torch.softmax(logits, dim=-1, dtype=torch.float32, out=probs)
             w = row_weight[first : first + c]
             if bool(w.any()):
                 self.sums[s, qh, start : start + width] += torch.matmul(w[None, None, :], probs)[:, 0]
                 if self.threshold is not None:
-                    top = probs.amax(dim=-1, keepdim=True)
-                    count = probs.lt(top * self.threshold).sum(dim=-1, dtype=torch.int32).float()  # (hq, c)
+                    count = count_below(probs, self.threshold, logits)  # (hq, c)
                     if self.causal:  # masked entries are 0, below any threshold: take them out by count
                         count.sub_((width - 1 - idx).float())
                     below += count.mul_((w != 0).float()).sum(dim=-1)
@@ -360,25 +371,5 @@ class _ScorePass:
             self.below[s, qh] = below
 
 
-def run_tasks(tasks: Sequence[Callable[[], None]], device: torch.device) -> None:
-    """Run independent tasks: on a CPU in parallel, one per thread with one thread per operation (the
-    operations release the interpreter lock); elsewhere, or with one thread, in order. The caller's
-    inference mode and grad mode hold in every task; the thread count is restored afterwards."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or len(tasks) < 2:
-        for task in tasks:
-            task()
-        return
-    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-
-    def run(task: Callable[[], None]) -> None:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            task()
-
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(min(threads, len(tasks))) as pool:
-            for future in [pool.submit(run, task) for task in tasks]:
-                future.result()
-    finally:
-        torch.set_num_threads(threads)
+def _kind(tensor: torch.Tensor) -> tuple[torch.dtype, torch.device]:
+    return tensor.dtype, tensor.device

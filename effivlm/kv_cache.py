@@ -24,6 +24,7 @@ from transformers import Cache
 from effivlm.attention import ROWS_PER_PRODUCT, attention_column_sums, plain_attention, probe_attention
 from effivlm.layer_pruning import decode_mask, repack_left
 from effivlm.methods.base import KVCacheMethod, KVContext
+from effivlm.ops import gather_rows
 
 #: query rows per chunk of attention probabilities when scoring (see ``attention_column_sums``)
 SCORE_CHUNK = ROWS_PER_PRODUCT
@@ -182,10 +183,8 @@ class KVCompression:
                 )
                 chosen = self.method.select(ctx)
                 index = chosen.indices.to(layer.keys.device)
-                dim = layer.keys.shape[-1]
-                gather = index[..., None].expand(-1, -1, dim)
-                k = chosen.keys if chosen.keys is not None else ctx.keys.gather(1, gather)
-                v = chosen.values if chosen.values is not None else ctx.values.gather(1, gather)
+                k = chosen.keys if chosen.keys is not None else gather_rows(ctx.keys, index)
+                v = chosen.values if chosen.values is not None else gather_rows(ctx.values, index)
                 keys.append(k.transpose(0, 1))  # (k, KVH, d) for left repacking
                 values.append(v.transpose(0, 1))
                 self.kept[b][i] = int(index.shape[1])

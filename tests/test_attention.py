@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from effivlm import attention as attention_module
+from effivlm import parallel
 from effivlm.attention import (
     attention_column_sums,
     attention_probabilities,
@@ -205,6 +206,13 @@ def test_column_sums_and_sparsity_match_the_explicit_softmax(chunk):
     assert attention_column_sums(query, key, weight, key_valid=valid)[1] is None
 
 
+def test_sparsity_threshold_out_of_range_is_named():
+    query, key = random_qk(q=4, k=4, seed=1)
+    for bad in (0.0, 1e-12, 1.0, 2.0):
+        with pytest.raises(ValueError, match="sparsity_threshold must be in"):
+            attention_column_sums(query, key, torch.ones(2, 4), sparsity_threshold=bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_column_sums_over_many_rows_match_the_explicit_softmax(dtype):
     """Many chunks of rows, in both float32 and bfloat16 inputs."""
@@ -293,29 +301,14 @@ def test_column_sums_are_the_same_on_any_number_of_threads(threads):
 
     single = run(1)
     calls = []
-    original = attention_module.ThreadPoolExecutor
+    original = parallel.ThreadPoolExecutor
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(attention_module, "ThreadPoolExecutor", lambda n: calls.append(n) or original(n))
+        patch.setattr(parallel, "ThreadPoolExecutor", lambda n: calls.append(n) or original(n))
         several = run(threads)
     assert len(calls) == (threads > 1)
     for got, want in zip(several, single, strict=True):
         assert torch.equal(got, want)
     assert torch.get_num_threads() == before
-
-
-def test_a_failing_task_restores_the_thread_count():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-
-        def fail():
-            raise RuntimeError("task failed")
-
-        with pytest.raises(RuntimeError, match="task failed"):
-            attention_module.run_tasks([fail, fail], torch.device("cpu"))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_chosen_rows_only():

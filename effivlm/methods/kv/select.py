@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from effivlm.ops import gather_rows, row_argmax
+
 POOLINGS = ("avg", "max")
 MERGES = ("none", "average", "pivotal")
 
@@ -99,12 +101,16 @@ def text_prior(scores: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
 
 def most_similar(queries: torch.Tensor, candidates: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Per head, the index of the candidate most cosine-similar to each query: (H, n, d), (H, m, d) -> (H, n).
-    The (n, m) similarities are computed a chunk of queries at a time, so they stay small."""
+    The (n, m) similarities are computed a chunk of queries at a time, so they stay small, into one buffer.
+    Only the candidates are normalised: a query's length scales its row and leaves the row's argmax."""
     unit = F.normalize(candidates, dim=-1).transpose(1, 2).contiguous()  # (H, d, m)
-    queries = F.normalize(queries, dim=-1)
-    out = torch.empty(queries.shape[:2], dtype=torch.long, device=queries.device)
-    for start in range(0, queries.shape[1], chunk):
-        out[:, start : start + chunk] = torch.matmul(queries[:, start : start + chunk], unit).argmax(dim=-1)
+    heads, n = queries.shape[:2]
+    out = torch.empty(heads, n, dtype=torch.long, device=queries.device)
+    buffer = torch.empty(heads, min(chunk, n), unit.shape[-1], dtype=unit.dtype, device=unit.device)
+    for start in range(0, n, chunk):
+        sims = buffer[:, : min(chunk, n - start)]
+        torch.matmul(queries[:, start : start + chunk], unit, out=sims)
+        out[:, start : start + chunk] = row_argmax(sims)
     return out
 
 
@@ -114,28 +120,33 @@ def merge_evicted(
     """LOOK-M: every evicted entry joins the kept entry whose key is most cosine-similar (per head), and each
     kept entry becomes the mean of itself and what joined it. ``average`` joins the evicted entry itself;
     ``pivotal`` joins its midpoint with the kept entry (the kept "pivot" weighs more). ``keys``/``values``
-    (KVH, L, d), ``kept`` (KVH, k) indices; returns the kept entries' new keys and values (KVH, k, d)."""
+    (KVH, L, d), ``kept`` (KVH, k) indices; returns the kept entries' new keys and values (KVH, k, d).
+
+    In closed form, with n evicted entries of sum S joining kept entry x: ``average`` gives (x + S) / (1 + n),
+    ``pivotal`` (x + (S + n x) / 2) / (1 + n) = ((2 + n) x + S) / (2 + 2n); so only S and n are accumulated
+    (float32), never a tensor per evicted entry and pivot."""
     if how not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {how!r}")
     heads, length, dim = keys.shape
-    kept_keys = keys.gather(1, kept[..., None].expand(-1, -1, dim))
-    kept_values = values.gather(1, kept[..., None].expand(-1, -1, dim))
+    kept_keys, kept_values = gather_rows(keys, kept), gather_rows(values, kept)
     if how == "none" or kept.shape[1] == length:
         return kept_keys, kept_values
     evicted_mask = torch.ones(heads, length, dtype=torch.bool, device=keys.device)
     evicted_mask.scatter_(1, kept, False)
     evicted = evicted_mask.nonzero()[:, 1].view(heads, -1)  # (KVH, e): same count in every head
-    gone_keys = keys.gather(1, evicted[..., None].expand(-1, -1, dim)).float()
-    gone_values = values.gather(1, evicted[..., None].expand(-1, -1, dim)).float()
-    target = most_similar(gone_keys, kept_keys.float())  # (KVH, e): the kept entry each evicted one joins
+    gone_keys = gather_rows(keys, evicted)
+    target = most_similar(gone_keys.float(), kept_keys.float())  # (KVH, e): the kept entry each one joins
+    joined = torch.zeros(heads, kept.shape[1], dtype=torch.float32, device=keys.device)
+    joined.scatter_add_(1, target, torch.ones(target.shape, dtype=torch.float32, device=keys.device))
+    if how == "average":
+        own, denominator = torch.ones_like(joined), joined + 1.0
+    else:
+        own, denominator = joined + 2.0, joined.mul(2.0).add_(2.0)
+    spots = target[..., None].expand(-1, -1, dim)
     out = []
-    for kept_t, gone_t in ((kept_keys.float(), gone_keys), (kept_values.float(), gone_values)):
-        joined = gone_t
-        if how == "pivotal":
-            joined = (gone_t + kept_t.gather(1, target[..., None].expand(-1, -1, dim))) / 2
-        total = kept_t.clone().scatter_add_(1, target[..., None].expand(-1, -1, dim), joined)
-        count = torch.ones(heads, kept.shape[1], 1, device=keys.device).scatter_add_(
-            1, target[..., None], torch.ones_like(target[..., None], dtype=torch.float32)
-        )
-        out.append((total / count).to(keys.dtype))
+    for kept_t, gone_t in ((kept_keys, gone_keys), (kept_values, None)):
+        if gone_t is None:
+            gone_t = gather_rows(values, evicted)
+        merged = kept_t.float().mul(own[..., None]).scatter_add_(1, spots, gone_t.float())
+        out.append(merged.div_(denominator[..., None]).to(keys.dtype))
     return out[0], out[1]
