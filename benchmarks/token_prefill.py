@@ -14,10 +14,19 @@ The methods' own scoring is extra work, not in the count, and reported separatel
 CPU is not in it either. So measured/theoretical < 1 has known causes, all printed: preprocessing, the
 scoring overhead, and the selection or merging arithmetic.
 
-Scoring overhead: a method at budget 1.0 computes its scores but removes nothing, so
-``(TTFT(method @ 1.0) - TTFT(dense)) / TTFT(dense)`` is the price of scoring (VisionZip and PruMerge+: the
-vision-attention probe; FastV: the attention probe in decoder layer K - 1; random and pool: nothing but their
-selection bookkeeping). It omits the top-k/merge arithmetic, which a method skips when it keeps everything.
+Scoring overhead, measured two ways at budget 1.0, where a method computes its scores but removes nothing:
+
+1. Directly (the target's measure): in ``--repeats`` further runs per method under
+   ``effivlm.attention.time_probes``, each probed attention call (VisionZip and PruMerge+: the vision-attention
+   probe; FastV: the probe in decoder layer K - 1) times the method's callback and then the model's own
+   attention function on the same inputs. The price of scoring is the callback's time, less the attention call
+   it replaced when it computed the layer's output itself; summed over the run's probed calls, its ``--stat``
+   over the runs is set against dense TTFT. Random and pool probe nothing: their price is 0.
+2. End to end: ``(TTFT(method @ 1.0) - TTFT(dense)) / TTFT(dense)``, which also holds the selection
+   bookkeeping, but is the difference of two noisy timings (a few % on a shared CPU: pool and random, which
+   score nothing, show the noise).
+
+Neither counts the top-k/merge arithmetic, which a method skips when it keeps everything.
 
 Run ``python benchmarks/token_prefill.py --help``; ``--quick`` is a few-second smoke run for the tests.
 """
@@ -35,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from effivlm.attention import probe_attention
+from effivlm.attention import probe_attention, time_probes
 from effivlm.backbones.loading import Backbone
 from effivlm.backbones.sizes import TinySizes
 from effivlm.efficiency import DecoderShape, encoder_flops, prefill_flops
@@ -263,19 +272,63 @@ SCORING = {
 }
 
 
-def overhead_rows(full: list[Point], dense: Point) -> list[dict[str, Any]]:
-    return [
-        {
-            "method": pt.method,
-            "ttft_ms": pt.time_ms,
-            "ttft_min_ms": min(pt.times_ms),
-            "ttft_max_ms": max(pt.times_ms),
-            "dense_ms": dense.time_ms,
-            "overhead": (pt.time_ms - dense.time_ms) / dense.time_ms,
-            "what": SCORING.get(pt.method, "selection bookkeeping only"),
-        }
-        for pt in full
-    ]
+@dataclass
+class Price:
+    """What one method's scoring cost in each timed run (ms), summed over its probed attention calls."""
+
+    calls: int
+    callback_ms: list[float]
+    saved_ms: list[float]  # the model's attention calls the callbacks' outputs replaced
+    price_ms: list[float]  # callback - saved
+
+
+def scoring_prices(
+    backbone: Backbone, prompts: list[Prompt], methods: list[str], args: argparse.Namespace
+) -> dict[str, Price]:
+    """Each method at budget 1.0, run ``--repeats`` times (interleaved, after ``--warmup`` untimed runs) under
+    ``time_probes``: the price of its scoring per run."""
+    pipes = {m: Pipeline(backbone, build_method(m, 1.0), seed=args.seed) for m in methods}
+    prices = {m: Price(0, [], [], []) for m in methods}
+    for r in range(args.warmup + args.repeats):
+        for method in methods[r % len(methods) :] + methods[: r % len(methods)]:
+            with time_probes() as calls:
+                pipes[method].generate(prompts, max_new_tokens=1)
+            if r < args.warmup:
+                continue
+            price = prices[method]
+            price.calls = len(calls)
+            price.callback_ms.append(1e3 * sum(c.callback_s for c in calls))
+            price.saved_ms.append(1e3 * sum(c.base_s for c in calls if c.replaced))
+            price.price_ms.append(1e3 * sum(c.price_s for c in calls))
+    return prices
+
+
+def overhead_rows(
+    full: list[Point], dense: Point, prices: dict[str, Price], stat: str
+) -> list[dict[str, Any]]:
+    rows = []
+    for pt in full:
+        price = prices[pt.method]
+        scoring = STATS[stat](price.price_ms)
+        rows.append(
+            {
+                "method": pt.method,
+                "ttft_ms": pt.time_ms,
+                "ttft_min_ms": min(pt.times_ms),
+                "ttft_max_ms": max(pt.times_ms),
+                "dense_ms": dense.time_ms,
+                "end_to_end": (pt.time_ms - dense.time_ms) / dense.time_ms,
+                "probed_calls": price.calls,
+                "callback_ms": STATS[stat](price.callback_ms),
+                "saved_ms": STATS[stat](price.saved_ms),
+                "scoring_ms": scoring,
+                "scoring_min_ms": min(price.price_ms),
+                "scoring_max_ms": max(price.price_ms),
+                "overhead": scoring / dense.time_ms,
+                "what": SCORING.get(pt.method, "nothing (selection bookkeeping only)"),
+            }
+        )
+    return rows
 
 
 def target_rows(speed: list[dict[str, Any]], overhead: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -293,7 +346,7 @@ def target_rows(speed: list[dict[str, Any]], overhead: list[dict[str, Any]]) -> 
     worst = max(overhead, key=lambda r: r["overhead"], default=None)
     targets.append(
         {
-            "target": f"scoring overhead <= {TARGET_OVERHEAD:.0%} of dense TTFT (worst: "
+            "target": f"scoring overhead (price of the probed calls) <= {TARGET_OVERHEAD:.0%} of dense TTFT (worst: "
             f"{worst['method'] if worst else '-'})",
             "value": None if worst is None else worst["overhead"],
             "met": None if worst is None else worst["overhead"] <= TARGET_OVERHEAD,
@@ -330,14 +383,31 @@ def speed_table(rows: list[dict[str, Any]], stat: str) -> list[str]:
 
 
 def overhead_table(rows: list[dict[str, Any]], stat: str) -> list[str]:
-    header = ["method", f"TTFT @ 1.0 ms ({stat})", "min-max", "dense ms", "overhead", "what is scored"]
+    header = [
+        "method",
+        "probed calls",
+        f"callback ms ({stat})",
+        "attention replaced ms",
+        "scoring price ms",
+        "min-max",
+        "price / dense TTFT",
+        f"TTFT @ 1.0 ms ({stat})",
+        "dense ms",
+        "end to end",
+        "what is scored",
+    ]
     cells = [
         [
             r["method"],
-            f"{r['ttft_ms']:.1f}",
-            f"{r['ttft_min_ms']:.1f}-{r['ttft_max_ms']:.1f}",
-            f"{r['dense_ms']:.1f}",
+            str(r["probed_calls"]),
+            f"{r['callback_ms']:.1f}",
+            f"{r['saved_ms']:.1f}",
+            f"{r['scoring_ms']:+.1f}",
+            f"{r['scoring_min_ms']:+.1f} to {r['scoring_max_ms']:+.1f}",
             f"{r['overhead']:+.1%}",
+            f"{r['ttft_ms']:.1f}",
+            f"{r['dense_ms']:.1f}",
+            f"{r['end_to_end']:+.1%}",
             r["what"],
         ]
         for r in rows
@@ -408,13 +478,15 @@ def _run(args: argparse.Namespace) -> Report:
         points = [p for p in measured[1:] if p.budget in args.budgets]
         full = [p for p in measured[1:] if p.budget == 1.0]
         lines = describe(args, backbone, dense, pre_ms, vision)
+        prices = scoring_prices(backbone, prompts, [p.method for p in full], args)
     speed = speed_rows([dense, *points], dense)
-    overhead = overhead_rows(full, dense)
+    overhead = overhead_rows(full, dense, prices, args.stat)
     targets = target_rows(speed, overhead)
     lines += ["", "## Speedup per method and budget", *speed_table(speed, args.stat)]
     lines += [
         "",
-        "## Scoring overhead: (TTFT at budget 1.0 - dense) / dense",
+        "## Scoring overhead at budget 1.0: price of the probed attention calls (callback - attention it "
+        "replaced), and TTFT - dense TTFT",
         *overhead_table(overhead, args.stat),
     ]
     lines += ["", "## Targets of the issue", *target_table(targets)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,12 +50,63 @@ def _base_function(module: nn.Module, implementation: str | None) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
+@dataclass(frozen=True)
+class ProbeTiming:
+    """One probed attention call under ``time_probes``: the callback's wall time, the model's own attention
+    function's on the same inputs, and whether the callback's output replaced that function's."""
+
+    module: str
+    callback_s: float
+    base_s: float
+    replaced: bool
+
+    @property
+    def price_s(self) -> float:
+        """What scoring added to the call: the callback, less the call it made unnecessary."""
+        return self.callback_s - (self.base_s if self.replaced else 0.0)
+
+
+_TIMINGS: list[ProbeTiming] | None = None
+
+
+@contextmanager
+def time_probes() -> Iterator[list[ProbeTiming]]:
+    """While active, every probed call is timed (a benchmark's measurement of what scoring costs): the callback,
+    then the model's own attention function on the same inputs, which also runs where the callback's output
+    replaces it (to time what that saves; its result is then discarded). On CUDA the clock reads follow a
+    synchronisation. Not reentrant."""
+    global _TIMINGS
+    if _TIMINGS is not None:
+        raise RuntimeError("time_probes is already active")
+    _TIMINGS = timings = []
+    try:
+        yield timings
+    finally:
+        _TIMINGS = None
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _probed_attention(module, query, key, value, attention_mask, **kwargs):
     callback, implementation = _ACTIVE[id(module)]
+    base = _base_function(module, implementation)
+    if _TIMINGS is not None:
+        start = _clock(query.device)
+        output = callback(module, query, key, value, attention_mask, kwargs)
+        middle = _clock(query.device)
+        result = base(module, query, key, value, attention_mask, **kwargs)
+        end = _clock(query.device)
+        name = type(module).__name__
+        _TIMINGS.append(ProbeTiming(name, middle - start, end - middle, output is not None))
+        return (output, None) if output is not None else result
     output = callback(module, query, key, value, attention_mask, kwargs)
     if output is not None:
         return output, None
-    return _base_function(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+    return base(module, query, key, value, attention_mask, **kwargs)
 
 
 def _register_probe() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from effivlm.attention import (
     head_mean_keys,
     probe_attention,
     received_attention,
+    time_probes,
 )
 from effivlm.backbones import available_families
 from effivlm.backbones.loading import load_backbone
@@ -430,6 +432,35 @@ def test_probe_leaves_the_outputs_bit_identical(llava):
     assert len(calls) == 1
     assert torch.equal(probed, plain)
     assert torch.equal(again, plain)
+
+
+def test_timed_probes_record_each_call_and_keep_the_outputs(llava):
+    """Under ``time_probes`` every probed call records the callback's and the model's attention time; the
+    output is the model's where the callback returns None and the callback's where it returns one."""
+    lm = llava.adapter.language_model(llava.model)
+    inputs = text_inputs(llava, pads=(3, 0))
+    target = layer_attention(llava, 1)
+    with torch.no_grad():
+        plain = lm(**inputs).last_hidden_state
+        with time_probes() as timings, probe_attention([target], lambda *args: time.sleep(0.02)):
+            observed = lm(**inputs).last_hidden_state
+        assert torch.equal(observed, plain)
+        (call,) = timings
+        assert call.module == type(target).__name__ and not call.replaced
+        assert call.callback_s >= 0.02 and call.base_s > 0 and call.price_s == call.callback_s
+
+        def replace(module, query, key, value, mask, kwargs):
+            return torch.zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+        with time_probes() as timings, probe_attention([target], replace):
+            replaced = lm(**inputs).last_hidden_state
+        with probe_attention([target], replace):
+            untimed = lm(**inputs).last_hidden_state
+    assert torch.equal(replaced, untimed) and not torch.equal(replaced, plain)
+    (call,) = timings
+    assert call.replaced and call.price_s == call.callback_s - call.base_s
+    with time_probes(), pytest.raises(RuntimeError, match="already active"), time_probes():
+        pass
 
 
 @pytest.mark.parametrize("pads", [(0, 0), (3, 0)])

@@ -27,7 +27,13 @@ def test_quick_run_prints_every_method_and_budget(capsys, tmp_path):
 
     overhead = table_rows(out, "## Scoring overhead")
     assert [r[0] for r in overhead] == METHODS
-    assert all(float(r[1]) > 0 for r in overhead)
+    calls = {r[0]: int(r[1]) for r in overhead}
+    assert calls["random"] == calls["pool"] == 0  # nothing probed: no price
+    assert calls["fastv"] == 1 and calls["visionzip"] >= 1 and calls["prumerge_plus"] >= 1
+    for method, _, callback, replaced, price, *_ in overhead:
+        assert float(callback) > 0 if calls[method] else float(callback) == float(price) == 0
+        assert abs(float(price) - (float(callback) - float(replaced))) <= 0.11  # rounded to 0.1 ms
+    assert all(float(r[7]) > 0 for r in overhead)  # TTFT at 1.0
     assert len(table_rows(out, "## Targets of the issue")) == 3
 
     # visual tokens kept are the budget's (16 tokens: ceil(0.4 * 16) = 7), and the files hold the same rows
