@@ -143,10 +143,9 @@ def merge_evicted(
     else:
         own, denominator = joined + 2.0, joined.mul(2.0).add_(2.0)
     spots = target[..., None].expand(-1, -1, dim)
-    out = []
-    for kept_t, gone_t in ((kept_keys, gone_keys), (kept_values, None)):
-        if gone_t is None:
-            gone_t = gather_rows(values, evicted)
-        merged = kept_t.float().mul(own[..., None]).scatter_add_(1, spots, gone_t.float())
-        out.append(merged.div_(denominator[..., None]).to(keys.dtype))
-    return out[0], out[1]
+
+    def merged(kept_t: torch.Tensor, gone_t: torch.Tensor) -> torch.Tensor:
+        total = kept_t.float().mul(own[..., None]).scatter_add_(1, spots, gone_t.float())
+        return total.div_(denominator[..., None]).to(keys.dtype)
+
+    return merged(kept_keys, gone_keys), merged(kept_values, gather_rows(values, evicted))
