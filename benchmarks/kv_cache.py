@@ -371,7 +371,21 @@ def describe(args: argparse.Namespace, backbone: Backbone, dense: dict[str, Any]
         f"attention over keys is {attention_share(backbone, dense['prompt_tokens']):.1%} of the decoder's prefill "
         "FLOPs: H2O, LOOK-M and VL-Cache compute the layer's attention in their scoring pass, which costs more "
         "than sdpa, so their TTFT x falls as this share grows (Qwen2-VL-7B at 4,100 tokens: 5.9%).",
+        "LOOK-M's merge compares every evicted key with every kept one per KV head: "
+        + ", ".join(
+            f"{merge_share(backbone, dense['prompt_tokens'], b):.1%} @ {b:g}" for b in args.budgets if b < 1
+        )
+        + " of a layer's dense prefill FLOPs (Qwen2-VL-7B at 4,100 tokens and 0.4: 0.2%).",
     ]
+
+
+def merge_share(backbone: Backbone, tokens: int, budget: float) -> float:
+    """FLOPs of LOOK-M's similarity product (evicted x kept keys of head_dim per KV head, 2 per
+    multiply-add) as a share of one decoder layer's causal prefill FLOPs."""
+    shape = DecoderShape.from_config(backbone.adapter.text_config(backbone.model))
+    kept = max(1, int(budget * tokens))
+    similarity = 2.0 * shape.kv_heads * (tokens - kept) * kept * shape.head_dim
+    return similarity / layer_flops(shape, tokens, tokens, causal=True)
 
 
 def attention_share(backbone: Backbone, tokens: int) -> float:
