@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from effivlm.ops import MIN_RELATIVE_THRESHOLD, count_below
+from effivlm.ops import check_relative_threshold, count_below
 from effivlm.parallel import Scratch, run_tasks
 
 PROBE_IMPLEMENTATION = "effivlm_probe"
@@ -323,10 +323,8 @@ def attention_column_sums(
     kvh = key.shape[1]
     if h % kvh:
         raise ValueError(f"{h} query heads are not a multiple of {kvh} key heads")
-    if sparsity_threshold is not None and not MIN_RELATIVE_THRESHOLD <= sparsity_threshold < 1:
-        raise ValueError(
-            f"sparsity_threshold must be in [{MIN_RELATIVE_THRESHOLD}, 1), got {sparsity_threshold}"
-        )
+    if sparsity_threshold is not None:  # before any work
+        check_relative_threshold(sparsity_threshold, "sparsity_threshold")
     group = h // kvh
     scale = d**-0.5 if scaling is None else scaling
     device = query.device

@@ -22,14 +22,20 @@ MIN_RELATIVE_THRESHOLD = 1e-9
 ARGMAX_BLOCK = 64
 
 
+def check_relative_threshold(threshold: float, name: str = "threshold") -> None:
+    """Raise ValueError naming ``name`` unless ``threshold`` is in [MIN_RELATIVE_THRESHOLD, 1), the range
+    ``count_below`` counts exactly."""
+    if not MIN_RELATIVE_THRESHOLD <= threshold < 1:
+        raise ValueError(f"{name} must be in [{MIN_RELATIVE_THRESHOLD}, 1), got {threshold}")
+
+
 def count_below(probs: torch.Tensor, threshold: float, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of probabilities ``probs`` (..., n), how many entries are below ``threshold`` times the row's
     maximum, as float32 counts: ``probs.lt(threshold * probs.amax(-1, keepdim=True)).sum(-1)``. The scaled
     difference of limit and entry, clamped to [0, 1], is 1 where the entry is below and 0 elsewhere; no
     bool tensor. ``threshold`` in [MIN_RELATIVE_THRESHOLD, 1); ``scratch`` (float32, ``probs``' shape, such
     as the consumed logits) receives the differences instead of a new tensor."""
-    if not MIN_RELATIVE_THRESHOLD <= threshold < 1:
-        raise ValueError(f"threshold must be in [{MIN_RELATIVE_THRESHOLD}, 1), got {threshold}")
+    check_relative_threshold(threshold)
     limit = probs.amax(dim=-1, keepdim=True).mul_(threshold).mul_(BELOW_SCALE)
     usable = scratch is not None and scratch.dtype == torch.float32 and scratch.shape == probs.shape
     below = torch.sub(limit, probs, alpha=BELOW_SCALE, out=scratch if usable else None)
