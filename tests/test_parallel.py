@@ -44,8 +44,7 @@ def test_a_name_reuses_its_buffer_and_names_do_not_share():
 def test_large_buffers_and_non_keeping_scratches_are_not_held():
     scratch = Scratch()
     big = KEEP_BYTES // 4 + 1
-    first = scratch.take("big", (big,), torch.float32, CPU)
-    del first
+    scratch.take("big", (big,), torch.float32, CPU)
     assert scratch.held_bytes() == 0
     plain = Scratch(keep=False)
     plain.take("x", (3,), torch.float32, CPU)
