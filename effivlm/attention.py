@@ -85,7 +85,8 @@ def time_probes() -> Iterator[list[ProbeTiming]]:
         _TIMINGS = None
 
 
-def _clock(device: torch.device) -> float:
+def device_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (a CUDA synchronisation first)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -95,11 +96,11 @@ def _probed_attention(module, query, key, value, attention_mask, **kwargs):
     callback, implementation = _ACTIVE[id(module)]
     base = _base_function(module, implementation)
     if _TIMINGS is not None:
-        start = _clock(query.device)
+        start = device_clock(query.device)
         output = callback(module, query, key, value, attention_mask, kwargs)
-        middle = _clock(query.device)
+        middle = device_clock(query.device)
         result = base(module, query, key, value, attention_mask, **kwargs)
-        end = _clock(query.device)
+        end = device_clock(query.device)
         name = type(module).__name__
         _TIMINGS.append(ProbeTiming(name, middle - start, end - middle, output is not None))
         return (output, None) if output is not None else result

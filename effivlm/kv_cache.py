@@ -13,7 +13,8 @@ hooked or replaced, so dense outputs are reproduced exactly. Leaving the context
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -21,7 +22,13 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from effivlm.attention import ROWS_PER_PRODUCT, attention_column_sums, plain_attention, probe_attention
+from effivlm.attention import (
+    ROWS_PER_PRODUCT,
+    attention_column_sums,
+    device_clock,
+    plain_attention,
+    probe_attention,
+)
 from effivlm.layer_pruning import decode_mask, repack_left
 from effivlm.methods.base import KVCacheMethod, KVContext
 from effivlm.ops import gather_rows
@@ -32,6 +39,24 @@ SCORE_CHUNK = ROWS_PER_PRODUCT
 #: prefill's attention work: one pass over every row then costs less than the model's own pass plus the scored
 #: rows' (with the output, the pass measured 1.2-1.4x an sdpa call at 4,100 tokens on 2 CPU cores)
 OUTPUT_SHARE = 0.3
+
+
+_COMPRESSIONS: list[float] | None = None
+
+
+@contextmanager
+def time_compression() -> Iterator[list[float]]:
+    """While active, the wall time (seconds) of every ``KVCompression.compress`` call is appended to the
+    yielded list (a benchmark's measurement of what selecting, merging and cutting the caches cost; on CUDA the
+    clock reads follow a synchronisation). Not reentrant."""
+    global _COMPRESSIONS
+    if _COMPRESSIONS is not None:
+        raise RuntimeError("time_compression is already active")
+    _COMPRESSIONS = times = []
+    try:
+        yield times
+    finally:
+        _COMPRESSIONS = None
 
 
 def entry_bytes(cache: Cache) -> list[int]:
@@ -145,6 +170,15 @@ class KVCompression:
 
     def compress(self, cache: Cache) -> torch.Tensor:
         """Cut every layer's prompt cache to what the method keeps; returns the 2-D mask over layer 0's cache."""
+        if _COMPRESSIONS is None:
+            return self._compress(cache)
+        times, device = _COMPRESSIONS, self.valid.device
+        start = device_clock(device)
+        mask = self._compress(cache)
+        times.append(device_clock(device) - start)
+        return mask
+
+    def _compress(self, cache: Cache) -> torch.Tensor:
         self.in_prefill = False
         if not self.active:
             return self.valid.long()

@@ -53,10 +53,27 @@ def test_quick_run_prints_every_method_and_budget(capsys, tmp_path):
         assert float(cells[4]) == pytest.approx(row["kv_ratio"], abs=5e-5)
         assert row["new_tokens"] == report.setup["decode_steps"] + 2
 
+    # the direct price: scoring only where the method probes attention; every compression takes time; the
+    # price is their sum in each run and sets the direct TTFT ratio against dense
+    prices = table_rows(out, "## Direct price")
+    assert [(r[0], r[1]) for r in prices] == [(m, b) for m in METHODS for b in BUDGETS]
+    dense_ms = rows[0]["ttft_ms"]
+    for row, cells in zip(rows[1:], prices, strict=True):
+        probes = build_method(row["method"]).query_rows != "none"
+        assert (row["probed_calls"] > 0) == probes  # a replaced attention call may even make scoring cheaper
+        assert probes or row["scoring_ms"] == 0
+        assert row["compress_ms"] > 0 and len(row["price_times_ms"]) == report.setup["repeats"]
+        assert row["price_min_ms"] <= row["price_ms"] <= row["price_max_ms"]
+        assert row["ttft_speedup_direct"] == pytest.approx(dense_ms / (dense_ms + row["price_ms"]))
+        assert float(cells[8]) == pytest.approx(row["ttft_speedup_direct"], abs=5e-3)
+    assert rows[0]["price_ms"] == 0 and rows[0]["ttft_speedup_direct"] == 1
+
     targets = table_rows(out, "## Targets of the issue")
-    assert [t[0][:3] for t in targets] == ["(a)", "(b)", "(c)"]
+    assert [t[0][:4] for t in targets] == ["(a) ", "(b) ", "(c) ", "(a')"]
     assert targets[1][2] == "PASS"  # every cache is at its budget
     assert targets[2][2] == "n/a (not measured)"  # the quick prompt is far below 4,000 tokens
+    direct_worst = min(r["ttft_speedup_direct"] for r in rows[1:])
+    assert float(targets[3][1]) == pytest.approx(direct_worst, abs=5e-4)
 
     # the files hold the same rows
     saved = json.loads((tmp_path / "kv.json").read_text())
@@ -65,3 +82,19 @@ def test_quick_run_prints_every_method_and_budget(capsys, tmp_path):
     markdown = (tmp_path / "kv.md").read_text()
     assert table_rows(markdown, "## Per method and budget") == printed
     assert table_rows(markdown, "## Targets of the issue") == targets
+
+
+@pytest.mark.parametrize(
+    ("flags", "shape"),
+    [
+        ([], (1024, 2, 16, 16, 2816)),
+        (["--preset", "7b"], (3584, 28, 28, 4, 18944)),
+        (["--preset", "mha7b"], (4096, 1, 32, 32, 11008)),
+        (["--preset", "mha7b", "--layers", "32"], (4096, 32, 32, 32, 11008)),
+        (["--preset", "mha7b", "--kv-heads", "8"], (4096, 1, 32, 8, 11008)),
+    ],
+)
+def test_presets_resolve_to_their_decoder_shapes(flags, shape):
+    bench = load_benchmark("kv_cache")
+    s = bench.parse_args(["--device", "cpu", *flags]).sizes
+    assert (s.text_hidden, s.text_layers, s.text_heads, s.text_kv_heads, s.text_intermediate) == shape

@@ -335,3 +335,19 @@ def test_scoring_pass_replaces_the_layers_attention_when_it_covers_most_rows(
     n_layers = len(backbone.adapter.decoder_layers(backbone.model))
     prefill_calls = [rows for _, rows in calls if rows > 1]  # decode steps have one query row
     assert len(prefill_calls) == (0 if replaced else n_layers)
+
+
+def test_time_compression_times_each_compression_and_changes_nothing(backbones, prompts):
+    """Every compress call is timed while the context is active, none after; the outputs are the untimed ones."""
+    pipe = Pipeline(backbones["qwen2_vl"], build_method("lookm", 0.4))
+    plain = pipe.generate(prompts, NEW_TOKENS)
+    with kv_cache.time_compression() as times:
+        timed = pipe.generate(prompts, NEW_TOKENS)
+        pipe.generate(prompts[:1], NEW_TOKENS)
+        with pytest.raises(RuntimeError, match="already active"), kv_cache.time_compression():
+            pass
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert [g.text for g in timed] == [g.text for g in plain]
+    assert [g.stats for g in timed] == [g.stats for g in plain]
+    pipe.generate(prompts[:1], NEW_TOKENS)
+    assert len(times) == 2
